@@ -1,0 +1,6 @@
+"""CLAMP (Contrastive LAnguage Model Prompt-tuning) in JAX and Flax NNX."""
+
+from clamp_jax.generate import generate, generate_ids
+from clamp_jax.weights import load_llm
+
+__all__ = ['generate', 'generate_ids', 'load_llm']

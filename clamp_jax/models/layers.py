@@ -1,0 +1,107 @@
+"""Building blocks shared by the towers: linear layers with an optional LoRA slot, norms, embeddings.
+
+Every parameter carries `logical_axes` metadata (names such as `embed`, `mlp`, `vocab`) that the
+sharding rules map to mesh axes. Kernels are stored as `[in_features, out_features]`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def normal_init(stddev: float):
+  return jax.nn.initializers.normal(stddev)
+
+
+class Linear(nnx.Module):
+  """Dense layer `y = x @ kernel (+ bias)` with an optional LoRA adapter in `self.lora`.
+
+  The adapter is attached later by `clamp_jax.models.lora.apply_lora`; `adapters=False` at call time
+  skips it, which gives back the base layer exactly.
+  """
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      *,
+      axes: tuple[str | None, str | None],
+      use_bias: bool = False,
+      dtype: jnp.dtype = jnp.float32,
+      param_dtype: jnp.dtype = jnp.float32,
+      stddev: float = 0.02,
+      rngs: nnx.Rngs,
+  ):
+    self.in_features = in_features
+    self.out_features = out_features
+    self.dtype = dtype
+    self.kernel = nnx.Param(
+        normal_init(stddev)(rngs.params(), (in_features, out_features), param_dtype),
+        logical_axes=axes,
+    )
+    self.bias = nnx.data(
+        nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[1],))
+        if use_bias
+        else None
+    )
+    self.lora = nnx.data(None)
+
+  def __call__(self, x: jax.Array, *, adapters: bool = True) -> jax.Array:
+    x = x.astype(self.dtype)
+    y = x @ self.kernel[...].astype(self.dtype)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    if adapters and self.lora is not None and not self.lora.merged:
+      y = y + self.lora(x).astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm as in Llama: statistics in float32, scale applied after the cast back."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32, param_dtype=jnp.float32):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=('embed',))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (self.scale[...].astype(jnp.float32) * x32).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with scale and bias, statistics in float32."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=('embed',))
+    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=('embed',))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class Embedding(nnx.Module):
+  """Token embedding table `[vocab, embed]`; `attend` gives logits for a tied output head."""
+
+  def __init__(self, vocab_size: int, dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.embedding = nnx.Param(
+        normal_init(0.02)(rngs.params(), (vocab_size, dim), param_dtype),
+        logical_axes=('vocab', 'embed'),
+    )
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return x.astype(self.dtype) @ self.embedding[...].astype(self.dtype).T
