@@ -1,0 +1,91 @@
+"""Build a CLAMP model, its tokenizer and its trainable-parameter filter from a config."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from clamp_jax.models.clamp import CLAMP
+from clamp_jax.models.llama import Llama, LlamaConfig
+from clamp_jax.models.lora import LoRAConfig, apply_lora
+from clamp_jax.models.text_tower import TextTower
+from clamp_jax.models.vit import VisionTransformer, ViTConfig
+from clamp_jax.weights import load_llm, load_tokenizer, resolve_checkpoint
+
+
+def path_string(path) -> str:
+  return '/'.join(str(part) for part in path)
+
+
+def trainable_filter(patterns) -> nnx.filterlib.Filter:
+  """Filter selecting `nnx.Param`s whose '/'-joined path matches one of `patterns`."""
+  compiled = [re.compile(p) for p in patterns]
+
+  def matches(path, value) -> bool:
+    return isinstance(value, nnx.Param) and any(p.search(path_string(path)) for p in compiled)
+
+  return matches
+
+
+def build_llm(config: ml_collections.ConfigDict):
+  """The LLM with weights and its tokenizer, or a random one borrowing a checkpoint's tokenizer."""
+  model_config = config.model
+  overrides = dict(dtype=model_config.llm_dtype, param_dtype=model_config.llm_param_dtype)
+  if model_config.llm == 'random':
+    llm_config = LlamaConfig(**model_config.random_llm.to_dict(), **overrides)
+    llm = Llama(llm_config, rngs=nnx.Rngs(config.seed))
+    tokenizer = load_tokenizer(resolve_checkpoint(model_config.random_llm_tokenizer))
+  else:
+    llm, tokenizer = load_llm(model_config.llm, **overrides)
+  if tokenizer.pad_token_id is None:
+    tokenizer.pad_token = tokenizer.eos_token
+  return llm, tokenizer
+
+
+def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
+  vit = config.model.vit
+  return ViTConfig(image_size=vit.image_size, patch_size=vit.patch_size, width=vit.width,
+                   layers=vit.layers, heads=vit.heads, mlp_ratio=vit.mlp_ratio,
+                   embed_dim=config.model.embed_dim, act=vit.act)
+
+
+def build_model(config: ml_collections.ConfigDict, llm: Llama | None = None,
+                tokenizer=None) -> tuple[CLAMP, object]:
+  """CLAMP with a loaded (or random) LLM, LoRA attached, a fresh tower head and a ViT."""
+  if llm is None:
+    llm, tokenizer = build_llm(config)
+  rngs = nnx.Rngs(params=config.seed + 1, dropout=config.seed + 2)
+  lora = config.model.lora
+  adapted = apply_lora(llm, LoRAConfig(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                                       targets=tuple(lora.targets)), rngs=rngs)
+  logging.info('LoRA adapters on %d layers (rank %d).', len(adapted), lora.rank)
+  num_prompts = config.model.num_prompts
+  # Prompt rows start from the embeddings of the first ordinary words of the vocabulary after the
+  # special tokens; with too small a vocabulary they cycle.
+  vocab = llm.config.vocab_size
+  init_ids = (jnp.arange(num_prompts - 1) * 97 + 1000) % vocab
+  text_tower = TextTower(llm, embed_dim=config.model.embed_dim, num_prompts=num_prompts,
+                         pooler_heads=config.model.pooler_heads, prompt_init_ids=init_ids,
+                         rngs=rngs)
+  image_tower = VisionTransformer(vit_config(config), rngs=rngs)
+  model = CLAMP(image_tower, text_tower, init_logit_scale=config.model.init_logit_scale,
+                max_logit_scale=config.model.max_logit_scale)
+  return model, tokenizer
+
+
+def trainable_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """`config.train.trainable`, plus the whole image tower unless it is locked."""
+  patterns = tuple(config.train.trainable)
+  if not config.model.lock_image_tower:
+    patterns += (r'^image_tower/',)
+  return patterns
+
+
+def count_parameters(model: nnx.Module, filter_) -> int:
+  state = nnx.state(model, filter_)
+  return sum(int(x.size) for x in jax.tree.leaves(state))

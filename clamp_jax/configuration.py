@@ -1,0 +1,98 @@
+"""Config and workdir checks that run before any model is built or compiled.
+
+Each check raises `ConfigError` with one line that names the field, its value and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import ml_collections
+
+from clamp_jax.modes import MODES
+
+DATASETS = ('digits',)
+DTYPES = ('float32', 'bfloat16')
+
+
+class ConfigError(ValueError):
+  """A config value or the workdir cannot work."""
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def _positive(config: ml_collections.ConfigDict, name: str) -> None:
+  value = config
+  for part in name.split('.'):
+    value = value[part]
+  _require(isinstance(value, (int, float)) and value > 0,
+           f'config.{name}={value!r} must be a positive number.')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Reject configs that would fail later, naming the field and the fix."""
+  _require(config.mode in MODES, f'config.mode={config.mode!r} is not one of {tuple(MODES)}.')
+  for name in ('train.steps', 'train.batch_size', 'train.learning_rate', 'train.log_every',
+               'train.checkpoint_every', 'train.keep_checkpoints', 'model.embed_dim',
+               'model.num_prompts', 'model.pooler_heads', 'model.lora.rank',
+               'model.vit.image_size', 'model.vit.patch_size', 'model.vit.width',
+               'model.vit.layers', 'model.vit.heads', 'data.max_length', 'eval.batch_size'):
+    _positive(config, name)
+  train = config.train
+  _require(0 <= train.warmup_steps <= train.steps,
+           f'config.train.warmup_steps={train.warmup_steps} must be between 0 and '
+           f'config.train.steps={train.steps}.')
+  _require(train.grad_clip_norm >= 0,
+           f'config.train.grad_clip_norm={train.grad_clip_norm} must be >= 0 (0 disables it).')
+  _require(len(train.trainable) > 0, 'config.train.trainable is empty: nothing would train.')
+  vit = config.model.vit
+  _require(vit.image_size % vit.patch_size == 0,
+           f'config.model.vit.image_size={vit.image_size} is not divisible by '
+           f'config.model.vit.patch_size={vit.patch_size}.')
+  _require(vit.width % vit.heads == 0,
+           f'config.model.vit.width={vit.width} is not divisible by '
+           f'config.model.vit.heads={vit.heads}.')
+  _require(vit.act in ('gelu', 'quick_gelu'),
+           f"config.model.vit.act={vit.act!r} must be 'gelu' or 'quick_gelu'.")
+  for name in ('llm_dtype', 'llm_param_dtype'):
+    value = config.model[name]
+    _require(value in DTYPES, f'config.model.{name}={value!r} is not one of {DTYPES}.')
+  _require(0 <= config.model.lora.dropout < 1,
+           f'config.model.lora.dropout={config.model.lora.dropout} must be in [0, 1).')
+  if config.model.llm == 'random':
+    random_llm = config.model.random_llm
+    _require(random_llm.hidden_size % config.model.pooler_heads == 0,
+             f'config.model.random_llm.hidden_size={random_llm.hidden_size} is not divisible '
+             f'by config.model.pooler_heads={config.model.pooler_heads}.')
+  _require(config.data.name in DATASETS,
+           f'config.data.name={config.data.name!r} is not one of {DATASETS}.')
+  _require('{caption}' in config.data.caption_wrapper,
+           f'config.data.caption_wrapper={config.data.caption_wrapper!r} has no {{caption}} '
+           'field to put the caption in.')
+  for field in ('data.templates', 'eval.templates'):
+    section, key = field.split('.')
+    templates = config[section][key]
+    _require(len(templates) > 0, f'config.{field} is empty.')
+    for template in templates:
+      _require('{}' in template,
+               f'config.{field} entry {template!r} has no {{}} field for the class name.')
+  _require(0 < config.data.test_fraction < 1,
+           f'config.data.test_fraction={config.data.test_fraction} must be in (0, 1).')
+
+
+def validate_workdir(workdir: str) -> None:
+  """Create `workdir` if needed and check that files can be written there."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write-test-{uuid.uuid4().hex}')
+    with open(probe, 'w', encoding='utf-8') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(
+        f'--workdir={workdir} is not writable ({e.strerror}); pass a folder you can write to.'
+    ) from e

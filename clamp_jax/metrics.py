@@ -1,0 +1,40 @@
+"""Metric output: one JSON object per logged step in `metrics.jsonl`, plus TensorBoard events."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+
+class MetricWriter:
+  """Appends `{'step': int, name: float, ...}` lines to WORKDIR/metrics.jsonl and TensorBoard."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._file = open(self.path, 'a', encoding='utf-8')
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    values = {name: float(value) for name, value in metrics.items()}
+    self._file.write(json.dumps({'step': int(step), **values}) + '\n')
+    self._file.flush()
+    if self._tb is not None:
+      for name, value in values.items():
+        if math.isfinite(value):
+          self._tb.add_scalar(name, value, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """All records of WORKDIR/metrics.jsonl, in file order."""
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]

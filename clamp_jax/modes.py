@@ -1,0 +1,22 @@
+"""Jobs selected by `config.mode`, each a function `(config, workdir) -> None`."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> None:
+  from clamp_jax.train import train_and_evaluate
+  train_and_evaluate(config, workdir)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
+  from clamp_jax.train import evaluate_checkpoint
+  evaluate_checkpoint(config, workdir)
+
+
+MODES = {'train': train, 'eval': evaluate}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  MODES[config.mode](config, workdir)

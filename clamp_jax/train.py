@@ -1,0 +1,220 @@
+"""CLAMP training: set up, restore, step, log, checkpoint, evaluate.
+
+Only the parameters matched by the config's trainable patterns (LoRA, prompts, pooler, projection,
+temperature, and the image tower when unlocked) get gradients and AdamW state; the base LLM is
+frozen and never receives a gradient.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from clamp_jax import build
+from clamp_jax.checkpointing import Checkpointer
+from clamp_jax.data.captions import CaptionTokenizer
+from clamp_jax.data.pipeline import make_digits_dataset
+from clamp_jax.evaluation.zero_shot import run_zero_shot
+from clamp_jax.losses import equal_caption_mask, softmax_contrastive_loss
+from clamp_jax.metrics import MetricWriter
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer
+# ----------------------------------------------------------------------------------------------
+
+
+def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup from zero to the peak rate, then cosine decay to zero at the last step."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train_config.learning_rate,
+      warmup_steps=train_config.warmup_steps,
+      decay_steps=max(train_config.steps, train_config.warmup_steps + 1), end_value=0.0)
+
+
+def make_optimizer(model: nnx.Module, train_config: ml_collections.ConfigDict,
+                   trainable) -> nnx.Optimizer:
+  """AdamW on the trainable parameters with the config's schedule and global-norm clipping.
+
+  Weight decay applies to matrices only (ndim >= 2); biases, norm scales and the temperature are
+  not decayed, as in CLIP.
+  """
+  schedule = make_schedule(train_config)
+  decay_mask = lambda params: jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+  parts = []
+  if train_config.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(train_config.grad_clip_norm))
+  parts.append(optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2,
+                           weight_decay=train_config.weight_decay, mask=decay_mask))
+  return nnx.Optimizer(model, optax.chain(*parts), wrt=trainable)
+
+
+# ----------------------------------------------------------------------------------------------
+# Step
+# ----------------------------------------------------------------------------------------------
+
+
+def make_train_step(trainable):
+  """A jitted `(model, optimizer, batch) -> metrics` step that updates both in place."""
+
+  def loss_fn(model, batch):
+    images, texts, logit_scale = model(batch['image'], batch['input_ids'],
+                                       batch['attention_mask'])
+    # Captions built from class names repeat within a batch; equal captions count as positives.
+    positives = equal_caption_mask(batch['input_ids'], batch['attention_mask'])
+    loss, metrics = softmax_contrastive_loss(images, texts, logit_scale, positives)
+    return loss, (metrics, logit_scale)
+
+  @nnx.jit
+  def train_step(model, optimizer, batch):
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable), has_aux=True)
+    (loss, (metrics, logit_scale)), grads = grad_fn(model, batch)
+    optimizer.update(model, grads)
+    out = {f'train/{name}': value for name, value in metrics.items()}
+    out['train/loss'] = loss
+    out['train/logit_scale'] = logit_scale
+    out['train/grad_norm'] = optax.global_norm(grads)
+    return out
+
+  return train_step
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def make_caption_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> CaptionTokenizer:
+  return CaptionTokenizer(tokenizer, config.data.caption_wrapper, config.data.max_length)
+
+
+def make_train_data(config: ml_collections.ConfigDict, caption_tokenizer: CaptionTokenizer):
+  if config.data.name != 'digits':
+    raise ValueError(f"data.name={config.data.name!r} is not supported; use 'digits'.")
+  return make_digits_dataset(
+      'train', caption_tokenizer=caption_tokenizer, templates=tuple(config.data.templates),
+      image_size=config.model.vit.image_size, batch_size=config.train.batch_size,
+      seed=config.seed, split_seed=config.data.split_seed,
+      test_fraction=config.data.test_fraction, shuffle=True, repeat=True)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Restore the latest checkpoint in WORKDIR/checkpoints and run zero-shot evaluation."""
+  model, tokenizer = build.build_model(config)
+  trainable = build.trainable_filter(build.trainable_patterns(config))
+  optimizer = make_optimizer(model, config.train, trainable)
+  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
+                              keep=config.train.keep_checkpoints,
+                              save_every=config.train.checkpoint_every)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(
+        f'No checkpoint in {checkpointer.directory}; train first with config.mode=train.')
+  checkpointer.restore(step, model=model, optimizer=optimizer, trainable=trainable)
+  checkpointer.close()
+  model.eval()
+  return run_zero_shot(model, make_caption_tokenizer(config, tokenizer), config, workdir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loop
+# ----------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Train for `config.train.steps` steps (resuming from WORKDIR/checkpoints), then evaluate.
+
+  Returns the last logged training metrics and, when evaluation ran, its results under 'eval'.
+  """
+  train_config = config.train
+  logging.info('Building the model (LLM: %s).', config.model.llm)
+  model, tokenizer = build.build_model(config)
+  trainable = build.trainable_filter(build.trainable_patterns(config))
+  num_trainable = build.count_parameters(model, trainable)
+  num_total = build.count_parameters(model, nnx.Param)
+  logging.info('Trainable parameters: %s of %s.', f'{num_trainable:,}', f'{num_total:,}')
+  if num_trainable == 0:
+    raise ValueError(f'config.train.trainable={list(train_config.trainable)} matches no parameter.')
+  optimizer = make_optimizer(model, train_config, trainable)
+  caption_tokenizer = make_caption_tokenizer(config, tokenizer)
+  dataset = make_train_data(config, caption_tokenizer)
+  data_iter = iter(dataset)
+
+  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
+                              keep=train_config.keep_checkpoints,
+                              save_every=train_config.checkpoint_every)
+  start_step = checkpointer.latest_step() or 0
+  if start_step:
+    data_state = checkpointer.restore(start_step, model=model, optimizer=optimizer,
+                                      trainable=trainable)
+    data_iter.set_state(data_state)
+    logging.info('Resuming from step %d of %d.', start_step, train_config.steps)
+
+  writer = MetricWriter(workdir)
+  train_step = make_train_step(trainable)
+  model.train()
+  last_metrics = run_train_loop(model, optimizer, data_iter, train_step, checkpointer, writer,
+                                train_config, start_step, trainable)
+  checkpointer.wait()
+
+  results = {'train': last_metrics}
+  if config.eval.at_end:
+    model.eval()
+    results['eval'] = run_zero_shot(model, caption_tokenizer, config, workdir)
+    writer.write(train_config.steps, {f'eval/digits/{k}': v for k, v in
+                                      results['eval']['digits'].items()})
+  writer.close()
+  checkpointer.close()
+  return results
+
+
+def run_train_loop(model, optimizer, data_iter, train_step, checkpointer, writer,
+                   train_config, start_step, trainable) -> dict:
+  """Steps from `start_step` to `train_config.steps`, logging and checkpointing on schedule."""
+  total = train_config.steps
+  schedule = make_schedule(train_config)
+  batch_size = train_config.batch_size
+  last = {}
+  progress = tqdm(total=total, initial=start_step, desc='train', unit='step', dynamic_ncols=True)
+  window_start, window_steps = time.perf_counter(), 0
+  for step in range(start_step + 1, total + 1):
+    batch = next(data_iter)
+    metrics = train_step(model, optimizer, batch)
+    window_steps += 1
+    progress.update(1)
+
+    if step % train_config.log_every == 0 or step == total:
+      metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
+      if not math.isfinite(metrics['train/loss']):
+        raise NonFiniteLossError(
+            f'train/loss is {metrics["train/loss"]} at step {step}; lower '
+            f'train.learning_rate (now {train_config.learning_rate}) or check the data.')
+      elapsed = time.perf_counter() - window_start
+      metrics['perf/samples_per_second'] = window_steps * batch_size / elapsed
+      metrics['perf/step_seconds'] = elapsed / window_steps
+      metrics['train/learning_rate'] = float(schedule(step - 1))  # optax counts from 0.
+      writer.write(step, metrics)
+      progress.set_postfix(loss=f'{metrics["train/loss"]:.4f}',
+                           temp=f'{metrics["train/logit_scale"]:.1f}',
+                           samples_s=f'{metrics["perf/samples_per_second"]:.1f}')
+      last = {'step': step, **metrics}
+      window_start, window_steps = time.perf_counter(), 0
+
+    checkpointer.save(step, model=model, optimizer=optimizer, trainable=trainable,
+                      data_state=data_iter.get_state(), force=step == total)
+  progress.close()
+  return last
