@@ -42,32 +42,28 @@ def unflatten_into(state: nnx.State, flat: dict[str, jax.Array]) -> None:
 class Checkpointer:
   """Saves and restores `{trainable, optimizer, rng_counts}` plus the data iterator state."""
 
-  def __init__(self, directory: str, *, keep: int, save_every: int):
+  def __init__(self, directory: str, *, keep: int):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
-                                           create=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=(STATE_ITEM, DATA_ITEM))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, *, model, optimizer, trainable, data_state: dict,
-           force: bool = False) -> bool:
-    """Save at `step` if the interval says so (or `force`); returns whether a save started."""
+  def save(self, step: int, *, model, optimizer, trainable, data_state: dict) -> None:
+    """Start an asynchronous save of step `step`; `wait()` blocks until it is on disk."""
     tree = {
         'trainable': flatten_state(nnx.state(model, trainable)),
         'optimizer': flatten_state(nnx.state(optimizer)),
         'rng_counts': flatten_state(nnx.state(model, nnx.RngCount)),
     }
-    saved = self.manager.save(
+    self.manager.save(
         step,
         args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(tree),
                                    DATA_ITEM: ocp.args.JsonSave(_jsonable(data_state))}),
-        force=force)
-    if saved:
-      logging.info('Saving checkpoint for step %d to %s', step, self.directory)
-    return saved
+        force=True)
+    logging.info('Saving checkpoint for step %d to %s', step, self.directory)
 
   def restore(self, step: int, *, model, optimizer, trainable) -> dict:
     """Restore step `step` into `model` and `optimizer` in place; returns the data state."""

@@ -53,7 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
   model.lock_image_tower = True
 
   train = config.train = ml_collections.ConfigDict()
-  train.steps = 1000  # Optimizer steps.
+  train.steps = 1000  # Optimizer steps; the learning-rate schedule spans all of them.
+  # End this run after this many steps in total (0: run to train.steps). A rerun with the same
+  # workdir resumes, which splits a long job over several time-limited jobs.
+  train.stop_after_steps = 0
   train.batch_size = 256  # Global batch size in image-caption pairs.
   train.learning_rate = 1e-4  # Peak AdamW learning rate.
   train.warmup_steps = 100  # Linear warmup steps before cosine decay to zero.

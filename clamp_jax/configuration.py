@@ -46,6 +46,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(0 <= train.warmup_steps <= train.steps,
            f'config.train.warmup_steps={train.warmup_steps} must be between 0 and '
            f'config.train.steps={train.steps}.')
+  _require(train.stop_after_steps >= 0,
+           f'config.train.stop_after_steps={train.stop_after_steps} must be >= 0 (0 runs to '
+           'config.train.steps).')
   _require(train.grad_clip_norm >= 0,
            f'config.train.grad_clip_norm={train.grad_clip_norm} must be >= 0 (0 disables it).')
   _require(len(train.trainable) > 0, 'config.train.trainable is empty: nothing would train.')

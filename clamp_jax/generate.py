@@ -35,6 +35,9 @@ def generate_ids(llm: Llama, input_ids, attention_mask, *, max_new_tokens: int,
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
 def _greedy(graphdef, state, input_ids, attention_mask, max_new_tokens, eos, adapters):
   llm = nnx.merge(graphdef, state)
+  # Greedy decoding runs without dropout, so this traced copy is switched to eval mode. In train
+  # mode, LoRA dropout would update its RNG count inside the scan, which Flax rejects.
+  llm.eval()
   batch, length = input_ids.shape
   total = length + max_new_tokens
   cache = llm.init_cache(batch, total)

@@ -60,8 +60,38 @@ def _quiet_library_logs() -> None:
     handler.addFilter(_OwnInfoOnly())
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parse flags, turning a bad `--config` file or override into one error line."""
+  for arg in argv[1:]:
+    if arg.startswith('--config='):
+      path = arg.split('=', 1)[1].split(':', 1)[0]
+      if not os.path.isfile(path):
+        sys.exit(f'error: config file {path!r} not found (--config={path}); pass a file such '
+                 'as configs/smollm2_digits.py.')
+  try:
+    remaining = flags.FLAGS(argv)
+    _CONFIG.value  # Loads the file and applies the overrides.
+  except flags.IllegalFlagValueError as e:
+    sys.exit(f'error: {_first_line(e)}')
+  except flags.Error as e:
+    sys.exit(f'error: {_first_line(e)}\nRun with --helpfull to list the flags.')
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these for an override of a field that the config does not have.
+    field = str(e).strip('"\'')
+    sys.exit(f'error: unknown config field {field!r} in a --config.* override; check the '
+             'spelling against the config file.')
+  except OSError as e:
+    sys.exit(f'error: could not load the config file ({_first_line(e)}).')
+  return remaining
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
 def run() -> None:
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

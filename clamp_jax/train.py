@@ -118,8 +118,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   trainable = build.trainable_filter(build.trainable_patterns(config))
   optimizer = make_optimizer(model, config.train, trainable)
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
-                              keep=config.train.keep_checkpoints,
-                              save_every=config.train.checkpoint_every)
+                              keep=config.train.keep_checkpoints)
   step = checkpointer.latest_step()
   if step is None:
     raise FileNotFoundError(
@@ -155,8 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_iter = iter(dataset)
 
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
-                              keep=train_config.keep_checkpoints,
-                              save_every=train_config.checkpoint_every)
+                              keep=train_config.keep_checkpoints)
   start_step = checkpointer.latest_step() or 0
   if start_step:
     data_state = checkpointer.restore(start_step, model=model, optimizer=optimizer,
@@ -172,7 +170,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpointer.wait()
 
   results = {'train': last_metrics}
-  if config.eval.at_end:
+  finished = (checkpointer.latest_step() or 0) >= train_config.steps
+  if not finished:
+    logging.info('Stopped at step %d of %d; rerun the same command to resume.',
+                 checkpointer.latest_step() or 0, train_config.steps)
+  if finished and config.eval.at_end:
     model.eval()
     results['eval'] = run_zero_shot(model, caption_tokenizer, config, workdir)
     writer.write(train_config.steps, {f'eval/digits/{k}': v for k, v in
@@ -186,18 +188,19 @@ def run_train_loop(model, optimizer, data_iter, train_step, checkpointer, writer
                    train_config, start_step, trainable) -> dict:
   """Steps from `start_step` to `train_config.steps`, logging and checkpointing on schedule."""
   total = train_config.steps
+  end = min(total, train_config.stop_after_steps or total)
   schedule = make_schedule(train_config)
   batch_size = train_config.batch_size
   last = {}
   progress = tqdm(total=total, initial=start_step, desc='train', unit='step', dynamic_ncols=True)
   window_start, window_steps = time.perf_counter(), 0
-  for step in range(start_step + 1, total + 1):
+  for step in range(start_step + 1, end + 1):
     batch = next(data_iter)
     metrics = train_step(model, optimizer, batch)
     window_steps += 1
     progress.update(1)
 
-    if step % train_config.log_every == 0 or step == total:
+    if step % train_config.log_every == 0 or step == end:
       metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
       if not math.isfinite(metrics['train/loss']):
         raise NonFiniteLossError(
@@ -214,7 +217,8 @@ def run_train_loop(model, optimizer, data_iter, train_step, checkpointer, writer
       last = {'step': step, **metrics}
       window_start, window_steps = time.perf_counter(), 0
 
-    checkpointer.save(step, model=model, optimizer=optimizer, trainable=trainable,
-                      data_state=data_iter.get_state(), force=step == total)
+    if step % train_config.checkpoint_every == 0 or step == end:
+      checkpointer.save(step, model=model, optimizer=optimizer, trainable=trainable,
+                        data_state=data_iter.get_state())
   progress.close()
   return last

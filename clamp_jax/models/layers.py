@@ -19,7 +19,7 @@ class Linear(nnx.Module):
   """Dense layer `y = x @ kernel (+ bias)` with an optional LoRA adapter in `self.lora`.
 
   The adapter is attached later by `clamp_jax.models.lora.apply_lora`; `adapters=False` at call time
-  skips it, which gives back the base layer exactly.
+  skips it, which gives back the base layer exactly. A merged adapter raises ValueError there.
   """
 
   def __init__(
@@ -49,6 +49,10 @@ class Linear(nnx.Module):
     self.lora = nnx.data(None)
 
   def __call__(self, x: jax.Array, *, adapters: bool = True) -> jax.Array:
+    if self.lora is not None and self.lora.merged and not adapters:
+      # The merged kernel contains the adapter update, so the base layer is no longer available.
+      raise ValueError('adapters=False was requested, but this LoRA adapter is merged into its '
+                       'kernel. Call clamp_jax.models.lora.unmerge(model) first.')
     x = x.astype(self.dtype)
     y = x @ self.kernel[...].astype(self.dtype)
     if self.bias is not None:

@@ -59,7 +59,7 @@ def _resolve_hub_id(repo_id: str) -> str:
     raise WeightLoadError(
         f'{repo_id}: not a local path and not in the local Hugging Face cache; nothing is '
         'downloaded at run time. On a machine with internet run '
-        f'`huggingface-cli download {repo_id} --local-dir DIR`, copy DIR here and pass DIR.') from e
+        f'`hf download {repo_id} --local-dir DIR`, copy DIR here and pass DIR.') from e
 
 
 def load_tokenizer(path: str):
