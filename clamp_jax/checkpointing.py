@@ -1,8 +1,9 @@
 """Orbax checkpoints of the training state and the data iterator's position.
 
 A checkpoint holds only what training changes: the trainable parameters, the optimizer state, the
-dropout RNG counters and the data iterator state. The frozen LLM comes from its own checkpoint
-file on restore, so a SmolLM2 run saves a few MB per step instead of the whole model.
+dropout RNG counters, the text tower's calibrated feature statistics and the data iterator state.
+The frozen LLM comes from its own checkpoint file on restore, so a SmolLM2 run saves a few MB per
+step instead of the whole model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from clamp_jax.models.text_tower import FeatureStat
 
 STATE_ITEM = 'state'
 DATA_ITEM = 'data'
@@ -40,7 +43,7 @@ def unflatten_into(state: nnx.State, flat: dict[str, jax.Array]) -> None:
 
 
 class Checkpointer:
-  """Saves and restores `{trainable, optimizer, rng_counts}` plus the data iterator state."""
+  """Saves and restores `{trainable, optimizer, rng_counts, feature_stats}` and the data state."""
 
   def __init__(self, directory: str, *, keep: int):
     self.directory = os.path.abspath(directory)
@@ -57,6 +60,7 @@ class Checkpointer:
         'trainable': flatten_state(nnx.state(model, trainable)),
         'optimizer': flatten_state(nnx.state(optimizer)),
         'rng_counts': flatten_state(nnx.state(model, nnx.RngCount)),
+        'feature_stats': flatten_state(nnx.state(model, FeatureStat)),
     }
     self.manager.save(
         step,
@@ -71,6 +75,7 @@ class Checkpointer:
         'trainable': flatten_state(nnx.state(model, trainable)),
         'optimizer': flatten_state(nnx.state(optimizer)),
         'rng_counts': flatten_state(nnx.state(model, nnx.RngCount)),
+        'feature_stats': flatten_state(nnx.state(model, FeatureStat)),
     }
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     restored = self.manager.restore(
@@ -81,9 +86,10 @@ class Checkpointer:
     trainable_state = nnx.state(model, trainable)
     unflatten_into(trainable_state, tree['trainable'])
     nnx.update(model, trainable_state)
-    rng_state = nnx.state(model, nnx.RngCount)
-    unflatten_into(rng_state, tree['rng_counts'])
-    nnx.update(model, rng_state)
+    for key, variable_type in (('rng_counts', nnx.RngCount), ('feature_stats', FeatureStat)):
+      state = nnx.state(model, variable_type)
+      unflatten_into(state, tree[key])
+      nnx.update(model, state)
     optimizer_state = nnx.state(optimizer)
     unflatten_into(optimizer_state, tree['optimizer'])
     nnx.update(optimizer, optimizer_state)

@@ -33,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
   model.embed_dim = 512  # Shared image-text embedding size.
   model.num_prompts = 24  # Read-only prompt tokens appended after each caption.
   model.pooler_heads = 8  # Heads of the attention pooler over the prompt positions.
+  # Standardise the prompt hidden states per feature with statistics of the first training batch
+  # (a fixed, data-dependent init), so the pooler starts from features where captions differ.
+  model.calibrate_text_features = True
   model.init_logit_scale = 1 / 0.07  # Initial contrastive logit scale (exp of the learned log).
   model.max_logit_scale = 100.0  # The logit scale is clipped at this value.
   lora = model.lora = ml_collections.ConfigDict()
@@ -49,8 +52,24 @@ def base_config() -> ml_collections.ConfigDict:
   vit.heads = 12  # Attention heads.
   vit.mlp_ratio = 4.0  # MLP hidden size as a multiple of width.
   vit.act = 'gelu'  # 'gelu' or 'quick_gelu' (OpenAI CLIP).
+  vit.pool = 'token'  # 'token' (class token, as CLIP) or 'gap' (mean of the patch tokens).
   # LiT: keep the image tower frozen. False adds '^image_tower/' to the trainable patterns.
   model.lock_image_tower = True
+
+  mesh = config.mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # Data-parallel size; -1 takes the devices left over by the other axes.
+  mesh.fsdp = 1  # Fully sharded data-parallel size: parameters split over this axis too.
+  mesh.tensor = 1  # Tensor-parallel size: heads, MLP and vocabulary split over this axis.
+  # Logical axis name -> mesh axes (a name, a tuple of names, or None to replicate).
+  mesh.rules = (
+      ('batch', ('data', 'fsdp')),
+      ('embed', 'fsdp'),
+      ('heads', 'tensor'),
+      ('kv_heads', 'tensor'),
+      ('mlp', 'tensor'),
+      ('vocab', 'tensor'),
+      ('lora_rank', None),
+  )
 
   train = config.train = ml_collections.ConfigDict()
   train.steps = 1000  # Optimizer steps; the learning-rate schedule spans all of them.
@@ -77,6 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Instruction format around each caption; '{caption}' is replaced by the filled template.
   data.caption_wrapper = (
       '<|im_start|>user\nDescribe {caption}<|im_end|>\n<|im_start|>assistant\n1.')
+  # Run the text tower once per distinct caption (class x template) in place of once per image.
+  data.caption_table = True
   data.max_length = 32  # Caption tokens per sample, wrapper included; prompts come on top.
 
   evaluation = config.eval = ml_collections.ConfigDict()

@@ -20,13 +20,16 @@ def get_config():
   vit.width = 192
   vit.layers = 4
   vit.heads = 4
+  vit.pool = 'gap'
 
   train = config.train
-  train.steps = 120
-  train.batch_size = 16
+  train.steps = 240
+  train.batch_size = 64
   train.learning_rate = 1e-3
   train.warmup_steps = 10
   train.weight_decay = 0.05
   train.log_every = 5
-  train.checkpoint_every = 40
+  train.checkpoint_every = 60
+  # Zero-shot prompts: the training template, since the text tower saw no other phrasing.
+  config.eval.templates = config.data.templates
   return config

@@ -262,7 +262,7 @@ def take(iterator, count):
 
 def test_batch_keys_shapes_dtypes(caption_tokenizer):
   batch = next(iter(digits_dataset(caption_tokenizer)))
-  assert set(batch) == {'image', 'input_ids', 'attention_mask', 'label'}
+  assert set(batch) == {'image', 'input_ids', 'attention_mask', 'caption_index', 'label'}
   assert batch['image'].shape == (8, 16, 16, 3)
   assert batch['image'].dtype == np.float32
   assert batch['input_ids'].shape == (8, 40)
@@ -270,6 +270,19 @@ def test_batch_keys_shapes_dtypes(caption_tokenizer):
   assert batch['attention_mask'].dtype == np.int32
   assert batch['label'].shape == (8,)
   assert batch['label'].dtype == np.int32
+
+
+def test_caption_table_batch_points_to_rows(caption_tokenizer):
+  table = tokenize_class_captions(caption_tokenizer, TEMPLATES)
+  plain = next(iter(digits_dataset(caption_tokenizer, batch_size=32)))
+  indexed = next(iter(digits_dataset(caption_tokenizer, batch_size=32, caption_table=True)))
+  assert indexed['input_ids'].shape == (10 * len(TEMPLATES), 40)
+  assert np.array_equal(indexed['label'], plain['label'])
+  for row in range(32):
+    caption = indexed['input_ids'][indexed['caption_index'][row]]
+    assert np.array_equal(caption, plain['input_ids'][row])
+  assert np.array_equal(indexed['caption_index'] // len(TEMPLATES), indexed['label'])
+  assert table['input_ids'].shape[:2] == (10, len(TEMPLATES))
 
 
 def test_batch_captions_match_labels(caption_tokenizer):

@@ -79,8 +79,25 @@ class DigitExamples:
         'image': preprocess_digit(self.images[example_id], self.image_size),
         'input_ids': self.captions['input_ids'][label, template],
         'attention_mask': self.captions['attention_mask'][label, template],
+        'caption_index': np.int32(label * self.num_templates + template),
         'label': np.int32(label),
     }
+
+
+class AttachCaptionTable:
+  """Replace a batch's per-image captions by the table of all distinct captions.
+
+  The batch then carries `input_ids` and `attention_mask` `[classes * templates, L]` and
+  `caption_index` `[B]`, so the text tower runs once per distinct caption instead of once per image.
+  """
+
+  def __init__(self, captions: dict[str, np.ndarray]):
+    classes, templates, length = captions['input_ids'].shape
+    self.input_ids = captions['input_ids'].reshape(classes * templates, length)
+    self.attention_mask = captions['attention_mask'].reshape(classes * templates, length)
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {**batch, 'input_ids': self.input_ids, 'attention_mask': self.attention_mask}
 
 
 def make_digits_dataset(
@@ -96,6 +113,7 @@ def make_digits_dataset(
     drop_remainder: bool = True,
     split_seed: int = 0,
     test_fraction: float = 0.2,
+    caption_table: bool = False,
     read_options: grain.ReadOptions | None = None,
 ) -> grain.IterDataset:
   """Build a batched digits dataset. `iter()` on it gives a checkpointable `grain.DatasetIterator`.
@@ -104,7 +122,11 @@ def make_digits_dataset(
     image: float32 `[B, image_size, image_size, 3]`, CLIP-normalised.
     input_ids: int32 `[B, L]`, the example's class caption in one of `templates`, right-padded.
     attention_mask: int32 `[B, L]`, 1 on real tokens.
+    caption_index: int32 `[B]`, the example's caption as `label * len(templates) + template`.
     label: int32 `[B]`, the digit 0..9.
+
+  With `caption_table=True`, `input_ids` and `attention_mask` are instead the table of all
+  `10 * len(templates)` distinct captions and `caption_index` points into it.
 
   Args:
     split: 'train' or 'test' (see `load_digits_split`).
@@ -118,6 +140,7 @@ def make_digits_dataset(
     drop_remainder: drop a final batch smaller than `batch_size`.
     split_seed: seed of the train/test split.
     test_fraction: share of each class held out as the test split.
+    caption_table: emit the distinct-caption table instead of one caption per image.
     read_options: grain threading and prefetch settings. The default keeps grain's thread count and
       buffers `2 * batch_size` examples, far fewer than grain's 500.
   """
@@ -137,4 +160,7 @@ def make_digits_dataset(
 
   if read_options is None:
     read_options = grain.ReadOptions(prefetch_buffer_size=2 * batch_size)
-  return dataset.to_iter_dataset(read_options).batch(batch_size, drop_remainder=drop_remainder)
+  batched = dataset.to_iter_dataset(read_options).batch(batch_size, drop_remainder=drop_remainder)
+  if caption_table:
+    batched = batched.map(AttachCaptionTable(captions))
+  return batched

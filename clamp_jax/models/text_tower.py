@@ -2,8 +2,8 @@
 
 For each caption (right-padded ids `[batch, length]`), `num_prompts` learned embeddings are placed
 right after its last real token. The LLM runs on `[batch, length + num_prompts]` with a read-only
-mask: caption tokens attend causally to caption tokens only, so their hidden states are exactly the
-base LLM's; prompt tokens attend to every real caption token and to all prompt tokens; padding is
+mask. Caption tokens attend causally to caption tokens only, so their hidden states are exactly the
+base LLM's. Prompt tokens attend to every real caption token and to all prompt tokens. Padding is
 masked for everyone. One learned query then pools the prompt positions' final hidden states with
 multi-head attention, a LayerNorm follows, and a linear projection maps to the shared embedding
 space.
@@ -23,6 +23,10 @@ from clamp_jax.models.llama import Llama
 
 class PromptParam(nnx.Param):
   """Learned prompt embeddings `[num_prompts, embed]`."""
+
+
+class FeatureStat(nnx.Variable):
+  """Fixed per-feature statistics of the prompt hidden states, set once by `calibrate`."""
 
 
 def read_only_prompt_layout(attention_mask: jax.Array, num_prompts: int):
@@ -84,7 +88,7 @@ class AttentionPooler(nnx.Module):
 
 
 class TextTower(nnx.Module):
-  """LLM + read-only prompts + attention pooler + projection; see the module docstring."""
+  """LLM with read-only prompts, attention pooler and projection (see the module docstring)."""
 
   def __init__(
       self,
@@ -115,6 +119,9 @@ class TextTower(nnx.Module):
           f'prompt_init_ids has shape {prompt_init_ids.shape}, expected ({num_prompts - 1},).')
     init = jnp.concatenate([table[prompt_init_ids], table.mean(axis=0, keepdims=True)], axis=0)
     self.prompts = PromptParam(init.astype(jnp.float32), logical_axes=(None, 'embed'))
+    # Identity until `calibrate` sets them. After that the pooler reads standardised hidden states.
+    self.feature_mean = FeatureStat(jnp.zeros((hidden,), jnp.float32), logical_axes=('embed',))
+    self.feature_scale = FeatureStat(jnp.ones((hidden,), jnp.float32), logical_axes=('embed',))
     self.pooler = AttentionPooler(hidden, pooler_heads, rngs=rngs)
     self.projection = Linear(hidden, embed_dim, axes=('embed', None),
                              stddev=hidden ** -0.5, rngs=rngs)
@@ -138,8 +145,29 @@ class TextTower(nnx.Module):
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *,
                adapters: bool = True) -> jax.Array:
     """Text embeddings `[b, embed_dim]` (not normalised) for right-padded captions `[b, l]`."""
+    prompt_hidden = self.prompt_hidden_states(input_ids, attention_mask, adapters=adapters)
+    standardized = (prompt_hidden - self.feature_mean[...]) * self.feature_scale[...]
+    pooled = self.pooler(standardized)
+    return self.projection(pooled).astype(jnp.float32)
+
+  def prompt_hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array, *,
+                           adapters: bool = True) -> jax.Array:
+    """Final LLM hidden states at the prompt positions, float32 `[b, num_prompts, embed]`."""
     hidden, (lengths, *_) = self.hidden_states(input_ids, attention_mask, adapters=adapters)
     prompt_positions = lengths[:, None] + jnp.arange(self.num_prompts)[None, :]
     prompt_hidden = jnp.take_along_axis(hidden, prompt_positions[..., None], axis=1)
-    pooled = self.pooler(prompt_hidden.astype(jnp.float32))
-    return self.projection(pooled).astype(jnp.float32)
+    return prompt_hidden.astype(jnp.float32)
+
+  def calibrate(self, input_ids: jax.Array, attention_mask: jax.Array, eps: float = 1e-3) -> None:
+    """Set the pooler's input standardisation from the base LLM on a batch of captions.
+
+    A frozen LLM's final hidden states share a large common component (for SmolLM2-135M about 40x
+    the norm of what differs between captions), which a fresh pooler and projection need many
+    steps to factor out. Subtracting the per-feature mean and dividing by the per-feature standard
+    deviation, measured once with adapters off, starts training from features where captions
+    differ. The statistics stay fixed afterwards and are saved with the checkpoint.
+    """
+    prompt_hidden = self.prompt_hidden_states(input_ids, attention_mask, adapters=False)
+    flat = prompt_hidden.reshape(-1, prompt_hidden.shape[-1])
+    self.feature_mean[...] = flat.mean(axis=0)
+    self.feature_scale[...] = 1.0 / (flat.std(axis=0) + eps)

@@ -42,6 +42,9 @@ class ViTConfig:
   # 'quick_gelu' is `x * sigmoid(1.702 x)` as in OpenAI CLIP, 'gelu' the exact erf form.
   act: str = 'quick_gelu'
   layer_norm_eps: float = 1e-5
+  # 'token' reads the class token (CLIP); 'gap' averages the patch tokens, which separates
+  # images from the first step when training from scratch.
+  pool: str = 'token'
   dtype: str = 'float32'  # Compute dtype of matmuls and activations.
   param_dtype: str = 'float32'  # Storage dtype of the weights.
 
@@ -57,6 +60,8 @@ class ViTConfig:
       raise ValueError(f'width={self.width} is not divisible by heads={self.heads}.')
     if self.mlp_ratio <= 0:
       raise ValueError(f'ViTConfig.mlp_ratio must be positive, got {self.mlp_ratio}.')
+    if self.pool not in ('token', 'gap'):
+      raise ValueError(f"Invalid pool {self.pool!r}: expected 'token' or 'gap'.")
     if self.act not in ACTIVATIONS:
       raise ValueError(f'Invalid act {self.act!r}: expected one of {ACTIVATIONS}.')
 
@@ -162,9 +167,12 @@ class VisionTransformer(nnx.Module):
     width = config.width
     # Embedding scale width**-0.5 as in OpenAI CLIP's initialisation.
     scale = width ** -0.5
+    # PyTorch's default Conv2d init (uniform with bound 1/sqrt(fan_in)), which CLIP keeps for its
+    # patch embedding; a smaller init lets the position embeddings drown the pixels at the start.
+    fan_in = config.patch_size * config.patch_size * 3
     self.patch_embedding = nnx.Param(
-        normal_init(0.02)(rngs.params(), (config.patch_size, config.patch_size, 3, width),
-                          param_dtype),
+        jax.random.uniform(rngs.params(), (config.patch_size, config.patch_size, 3, width),
+                           param_dtype, -fan_in ** -0.5, fan_in ** -0.5),
         logical_axes=(None, None, None, 'embed'),
     )
     self.class_embedding = nnx.Param(
@@ -212,5 +220,7 @@ class VisionTransformer(nnx.Module):
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """Projected class-token embeddings `[batch, embed_dim]` (float32, not normalised)."""
-    pooled = self.ln_post(self.encode(images)[:, 0])
+    tokens = self.encode(images)
+    pooled = tokens[:, 0] if self.config.pool == 'token' else tokens[:, 1:].mean(axis=1)
+    pooled = self.ln_post(pooled)
     return self.projection(pooled).astype(jnp.float32)
