@@ -33,7 +33,7 @@ def trainable_filter(patterns) -> nnx.filterlib.Filter:
 
 
 def build_llm(config: ml_collections.ConfigDict):
-  """The LLM with weights and its tokenizer, or a random one borrowing a checkpoint's tokenizer."""
+  """Load the LLM and its tokenizer, or build a random LLM that borrows a checkpoint's tokenizer."""
   model_config = config.model
   overrides = dict(dtype=model_config.llm_dtype, param_dtype=model_config.llm_param_dtype)
   if model_config.llm == 'random':
@@ -51,7 +51,7 @@ def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
   vit = config.model.vit
   return ViTConfig(image_size=vit.image_size, patch_size=vit.patch_size, width=vit.width,
                    layers=vit.layers, heads=vit.heads, mlp_ratio=vit.mlp_ratio,
-                   embed_dim=config.model.embed_dim, act=vit.act)
+                   embed_dim=config.model.embed_dim, act=vit.act, pool=vit.pool)
 
 
 def build_model(config: ml_collections.ConfigDict, llm: Llama | None = None,

@@ -43,7 +43,12 @@ def main(argv: list[str]) -> None:
 
   # Imported after validation so that a bad config fails fast, before JAX starts.
   from clamp_jax import modes
-  modes.run(config, workdir)
+  from clamp_jax.parallel import MeshError
+  from clamp_jax.weights import WeightLoadError
+  try:
+    modes.run(config, workdir)
+  except (MeshError, WeightLoadError) as e:
+    sys.exit(f'error: {e}')
 
 
 class _OwnInfoOnly(logging.Filter):

@@ -35,6 +35,6 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """All records of WORKDIR/metrics.jsonl, in file order."""
+  """Read all records of WORKDIR/metrics.jsonl, in file order."""
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
     return [json.loads(line) for line in f if line.strip()]

@@ -1,8 +1,8 @@
 """CLAMP training: set up, restore, step, log, checkpoint, evaluate.
 
-Only the parameters matched by the config's trainable patterns (LoRA, prompts, pooler, projection,
-temperature, and the image tower when unlocked) get gradients and AdamW state; the base LLM is
-frozen and never receives a gradient.
+Only the parameters matched by the config's trainable patterns get gradients and AdamW state: LoRA,
+prompts, pooler, projection, temperature, and the image tower when unlocked. The base LLM is frozen
+and never receives a gradient.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from clamp_jax import build
+from clamp_jax import build, parallel
 from clamp_jax.checkpointing import Checkpointer
 from clamp_jax.data.captions import CaptionTokenizer
 from clamp_jax.data.pipeline import make_digits_dataset
 from clamp_jax.evaluation.zero_shot import run_zero_shot
-from clamp_jax.losses import equal_caption_mask, softmax_contrastive_loss
+from clamp_jax.losses import (equal_caption_mask, indexed_contrastive_loss,
+                              softmax_contrastive_loss)
 from clamp_jax.metrics import MetricWriter
 
 
@@ -69,14 +70,18 @@ def make_optimizer(model: nnx.Module, train_config: ml_collections.ConfigDict,
 
 
 def make_train_step(trainable):
-  """A jitted `(model, optimizer, batch) -> metrics` step that updates both in place."""
+  """Build the jitted `(model, optimizer, batch) -> metrics` step, which updates both in place."""
 
   def loss_fn(model, batch):
     images, texts, logit_scale = model(batch['image'], batch['input_ids'],
                                        batch['attention_mask'])
-    # Captions built from class names repeat within a batch; equal captions count as positives.
-    positives = equal_caption_mask(batch['input_ids'], batch['attention_mask'])
-    loss, metrics = softmax_contrastive_loss(images, texts, logit_scale, positives)
+    if 'caption_index' in batch and texts.shape[0] != images.shape[0]:
+      # The batch carries a table of distinct captions, and each image's positive is its own row.
+      loss, metrics = indexed_contrastive_loss(images, texts, logit_scale, batch['caption_index'])
+    else:
+      # Captions built from class names repeat within a batch, so equal captions count as positives.
+      positives = equal_caption_mask(batch['input_ids'], batch['attention_mask'])
+      loss, metrics = softmax_contrastive_loss(images, texts, logit_scale, positives)
     return loss, (metrics, logit_scale)
 
   @nnx.jit
@@ -109,12 +114,15 @@ def make_train_data(config: ml_collections.ConfigDict, caption_tokenizer: Captio
       'train', caption_tokenizer=caption_tokenizer, templates=tuple(config.data.templates),
       image_size=config.model.vit.image_size, batch_size=config.train.batch_size,
       seed=config.seed, split_seed=config.data.split_seed,
-      test_fraction=config.data.test_fraction, shuffle=True, repeat=True)
+      test_fraction=config.data.test_fraction, caption_table=config.data.caption_table,
+      shuffle=True, repeat=True)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Restore the latest checkpoint in WORKDIR/checkpoints and run zero-shot evaluation."""
+  mesh = parallel.make_mesh(config.mesh)
   model, tokenizer = build.build_model(config)
+  place_model(model, mesh, config)
   trainable = build.trainable_filter(build.trainable_patterns(config))
   optimizer = make_optimizer(model, config.train, trainable)
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
@@ -129,6 +137,23 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   return run_zero_shot(model, make_caption_tokenizer(config, tokenizer), config, workdir)
 
 
+def place_model(model, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict) -> None:
+  """Check that the batch and the LLM's heads fit `mesh`, then shard the model onto it."""
+  llm_config = model.text_tower.llm.config
+  parallel.validate_mesh_for_model(mesh, config.mesh.rules, batch_size=config.train.batch_size,
+                                   num_heads=llm_config.num_attention_heads,
+                                   num_kv_heads=llm_config.num_key_value_heads)
+  parallel.shard_module(model, mesh, config.mesh.rules)
+  logging.info('Mesh %s over %d devices.', dict(mesh.shape), mesh.size)
+
+
+def calibrate_text_tower(model, batch) -> None:
+  """Standardise the pooler's input with statistics of one batch's captions (see `calibrate`)."""
+  logging.info('Calibrating the text tower on %d captions.', len(batch['input_ids']))
+  nnx.jit(lambda tower, ids, mask: tower.calibrate(ids, mask))(
+      model.text_tower, batch['input_ids'], batch['attention_mask'])
+
+
 # ----------------------------------------------------------------------------------------------
 # Loop
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +166,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   train_config = config.train
   logging.info('Building the model (LLM: %s).', config.model.llm)
+  mesh = parallel.make_mesh(config.mesh)
+  parallel.validate_mesh_for_model(mesh, config.mesh.rules, batch_size=train_config.batch_size,
+                                   num_heads=None, num_kv_heads=None)
   model, tokenizer = build.build_model(config)
+  place_model(model, mesh, config)
   trainable = build.trainable_filter(build.trainable_patterns(config))
   num_trainable = build.count_parameters(model, trainable)
   num_total = build.count_parameters(model, nnx.Param)
@@ -156,6 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
                               keep=train_config.keep_checkpoints)
   start_step = checkpointer.latest_step() or 0
+  if not start_step and config.model.calibrate_text_features:
+    calibrate_text_tower(model, next(iter(dataset)))
   if start_step:
     data_state = checkpointer.restore(start_step, model=model, optimizer=optimizer,
                                       trainable=trainable)
@@ -165,8 +196,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = MetricWriter(workdir)
   train_step = make_train_step(trainable)
   model.train()
-  last_metrics = run_train_loop(model, optimizer, data_iter, train_step, checkpointer, writer,
-                                train_config, start_step, trainable)
+  replicated = ('input_ids', 'attention_mask') if config.data.caption_table else ()
+  batches = (parallel.place_batch(batch, mesh, config.mesh.rules, replicated)
+             for batch in data_iter)
+  last_metrics = run_train_loop(model, optimizer, data_iter, batches, train_step, checkpointer,
+                                writer, train_config, start_step, trainable)
   checkpointer.wait()
 
   results = {'train': last_metrics}
@@ -184,9 +218,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def run_train_loop(model, optimizer, data_iter, train_step, checkpointer, writer,
+def run_train_loop(model, optimizer, data_iter, batches, train_step, checkpointer, writer,
                    train_config, start_step, trainable) -> dict:
-  """Steps from `start_step` to `train_config.steps`, logging and checkpointing on schedule."""
+  """Step from `start_step` to `train_config.steps`, logging and checkpointing on schedule.
+
+  `batches` yields device batches drawn from `data_iter`, whose state is saved with each
+  checkpoint.
+  """
   total = train_config.steps
   end = min(total, train_config.stop_after_steps or total)
   schedule = make_schedule(train_config)
@@ -195,7 +233,7 @@ def run_train_loop(model, optimizer, data_iter, train_step, checkpointer, writer
   progress = tqdm(total=total, initial=start_step, desc='train', unit='step', dynamic_ncols=True)
   window_start, window_steps = time.perf_counter(), 0
   for step in range(start_step + 1, end + 1):
-    batch = next(data_iter)
+    batch = next(batches)
     metrics = train_step(model, optimizer, batch)
     window_steps += 1
     progress.update(1)

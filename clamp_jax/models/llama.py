@@ -146,7 +146,7 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 def causal_mask(attention_mask: jax.Array) -> jax.Array:
-  """Boolean mask `[b, 1, t, s]`: query t sees key s when s <= t and key s is a real token."""
+  """Boolean mask `[b, 1, t, s]`: query t attends to key s when s <= t and key s is a real token."""
   length = attention_mask.shape[-1]
   causal = jnp.tril(jnp.ones((length, length), dtype=bool))
   return causal[None, None] & attention_mask.astype(bool)[:, None, None, :]

@@ -53,7 +53,7 @@ class LoRAAdapter(nnx.Module):
     return (x @ self.lora_a[...].astype(x.dtype)) @ self.lora_b[...].astype(x.dtype) * self.scale
 
   def delta(self) -> jax.Array:
-    """The dense weight update `[in, out]` in float32."""
+    """Compute the dense weight update `[in, out]` in float32."""
     return (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32)) * self.scale
 
 

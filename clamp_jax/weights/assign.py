@@ -1,7 +1,7 @@
 """Fill an abstract (shape-only) Llama model tensor by tensor from Hugging Face-named arrays.
 
 Both loaders translate their file's tensors to Hugging Face names (`model.layers.0.self_attn.q_proj.
-weight`, ...) and hand them here one at a time, so host memory holds about one tensor at once.
+weight`, ...) and hand them here one at a time, so host memory contains about one tensor at a time.
 """
 
 from __future__ import annotations

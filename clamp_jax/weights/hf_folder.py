@@ -42,7 +42,7 @@ def read_hf_config(folder: str) -> dict:
 
 
 def safetensors_files(folder: str) -> list[str]:
-  """The checkpoint's safetensors files: from the index file if present, else every `*.safetensors`."""
+  """List the safetensors files: those in the index file if present, else every `*.safetensors`."""
   index = os.path.join(folder, 'model.safetensors.index.json')
   if os.path.isfile(index):
     try:

@@ -63,7 +63,7 @@ def _resolve_hub_id(repo_id: str) -> str:
 
 
 def load_tokenizer(path: str):
-  """The checkpoint's tokenizer through transformers, offline (folder or GGUF file)."""
+  """Load the checkpoint's tokenizer through transformers, offline (folder or GGUF file)."""
   from transformers import AutoTokenizer
 
   try:
