@@ -26,7 +26,7 @@ class MeshError(ValueError):
 
 
 def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-  """Sizes of `data`, `fsdp` and `tensor`; at most one of them may be -1 to fill the rest."""
+  """Resolve the sizes of `data`, `fsdp` and `tensor`. At most one may be -1 to fill the rest."""
   sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
   free = [axis for axis, size in sizes.items() if size == -1]
   if len(free) > 1:
@@ -51,7 +51,7 @@ def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int)
 
 def make_mesh(mesh_config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A `Mesh` over `devices` (all devices by default) with axes `data`, `fsdp`, `tensor`."""
+  """Build a `Mesh` over `devices` (all by default) with axes `data`, `fsdp` and `tensor`."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = resolve_mesh_shape(mesh_config, len(devices))
   shape = tuple(sizes[axis] for axis in MESH_AXES)
@@ -73,7 +73,7 @@ def rules_dict(rules) -> dict[str, tuple[str, ...] | None]:
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                     rules) -> PartitionSpec:
-  """The `PartitionSpec` for a tensor of `shape` whose dimensions have `logical_axes` names.
+  """Map the `logical_axes` names of a tensor of `shape` to a `PartitionSpec`.
 
   A mesh axis is used at most once per tensor, and a dimension whose size the mapped mesh axes
   do not divide is replicated.
@@ -109,7 +109,7 @@ def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules) -> NamedShardin
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules):
-  """A tree like `state` whose leaves are the `NamedSharding` of each variable."""
+  """Map every variable of `state` to its `NamedSharding`, keeping the tree structure."""
   return jax.tree.map(lambda v: variable_sharding(v, mesh, rules), state,
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -134,7 +134,7 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
 
 
 def batch_shards(mesh: Mesh, rules) -> int:
-  """How many ways the batch dimension is split."""
+  """Count the ways the batch dimension is split."""
   mesh_axes = rules_dict(rules).get('batch') or ()
   return math.prod(mesh.shape[axis] for axis in mesh_axes if axis in mesh.shape)
 
