@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from clamp_jax.losses import (sharded_sigmoid_contrastive_loss, sharded_softmax_contrastive_loss,
-                              sigmoid_contrastive_loss, softmax_contrastive_loss)
+from clamp_jax.losses import sigmoid_contrastive_loss, softmax_contrastive_loss
+from clamp_jax.sharded_losses import (sharded_sigmoid_contrastive_loss,
+                                      sharded_softmax_contrastive_loss)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK_SCRIPT = os.path.join(REPO, 'tests', 'sharded', 'check_losses.py')

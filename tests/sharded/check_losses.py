@@ -23,9 +23,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from clamp_jax.losses import (equal_caption_mask, sharded_sigmoid_contrastive_loss,  # noqa: E402
-                              sharded_softmax_contrastive_loss, sigmoid_contrastive_loss,
+from clamp_jax.losses import (equal_caption_mask, sigmoid_contrastive_loss,  # noqa: E402
                               softmax_contrastive_loss)
+from clamp_jax.sharded_losses import (sharded_sigmoid_contrastive_loss,  # noqa: E402
+                                      sharded_softmax_contrastive_loss)
 
 LOSS_TOLERANCE = 1e-5
 GRAD_RELATIVE_TOLERANCE = 1e-5
