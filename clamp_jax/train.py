@@ -92,7 +92,7 @@ def make_train_step(trainable):
     out = {f'train/{name}': value for name, value in metrics.items()}
     out['train/loss'] = loss
     out['train/logit_scale'] = logit_scale
-    out['train/grad_norm'] = optax.global_norm(grads)
+    out['train/grad_norm'] = optax.tree.norm(grads)
     return out
 
   return train_step

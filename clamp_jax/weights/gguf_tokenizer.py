@@ -38,7 +38,7 @@ def read_gguf_tokenizer_metadata(path: str) -> tuple[str, dict, dict]:
   }
   tokenizer_dict, tokenizer_config = groups['tokenizer'], groups['tokenizer_config']
   if tokenizer_dict.get('tokenizer_type') == 'llama':
-    # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise.
+    # llama.cpp adds BOS to a sentencepiece vocabulary unless the file sets add_bos_token.
     tokenizer_config.setdefault('add_bos_token', True)
   tokens = tokenizer_dict['tokens']
   for name, key in _SPECIAL_TOKEN_IDS.items():
