@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
   from clamp_jax.weights import WeightLoadError
   try:
     modes.run(config, workdir)
-  except (MeshError, WeightLoadError) as e:
+  except (MeshError, WeightLoadError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
 
 

@@ -7,6 +7,7 @@ and never receives a gradient.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -118,23 +119,47 @@ def make_train_data(config: ml_collections.ConfigDict, caption_tokenizer: Captio
       shuffle=True, repeat=True)
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Restore the latest checkpoint in WORKDIR/checkpoints and run zero-shot evaluation."""
+@dataclasses.dataclass
+class TrainingSetup:
+  """Everything a train or eval run builds before its first step."""
+
+  mesh: jax.sharding.Mesh
+  model: nnx.Module
+  tokenizer: object
+  trainable: object
+  optimizer: nnx.Optimizer
+  checkpointer: Checkpointer
+
+
+def set_up(config: ml_collections.ConfigDict, workdir: str) -> TrainingSetup:
+  """Build the mesh, the sharded model, its optimizer and the checkpointer of WORKDIR."""
+  logging.info('Building the model (LLM: %s).', config.model.llm)
   mesh = parallel.make_mesh(config.mesh)
+  # The batch check needs no model, so a misfit batch fails before the LLM loads.
+  parallel.validate_mesh_for_model(mesh, config.mesh.rules, batch_size=config.train.batch_size,
+                                   num_heads=None, num_kv_heads=None)
   model, tokenizer = build.build_model(config)
   place_model(model, mesh, config)
   trainable = build.trainable_filter(build.trainable_patterns(config))
   optimizer = make_optimizer(model, config.train, trainable)
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
                               keep=config.train.keep_checkpoints)
-  step = checkpointer.latest_step()
+  return TrainingSetup(mesh, model, tokenizer, trainable, optimizer, checkpointer)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Restore the latest checkpoint in WORKDIR/checkpoints and run zero-shot evaluation."""
+  setup = set_up(config, workdir)
+  step = setup.checkpointer.latest_step()
   if step is None:
     raise FileNotFoundError(
-        f'No checkpoint in {checkpointer.directory}; train first with config.mode=train.')
-  checkpointer.restore(step, model=model, optimizer=optimizer, trainable=trainable)
-  checkpointer.close()
-  model.eval()
-  return run_zero_shot(model, make_caption_tokenizer(config, tokenizer), config, workdir)
+        f'No checkpoint in {setup.checkpointer.directory}; train first with config.mode=train.')
+  setup.checkpointer.restore(step, model=setup.model, optimizer=setup.optimizer,
+                             trainable=setup.trainable)
+  setup.checkpointer.close()
+  setup.model.eval()
+  return run_zero_shot(setup.model, make_caption_tokenizer(config, setup.tokenizer), config,
+                       workdir)
 
 
 def place_model(model, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict) -> None:
@@ -165,25 +190,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the last logged training metrics and, when evaluation ran, its results under 'eval'.
   """
   train_config = config.train
-  logging.info('Building the model (LLM: %s).', config.model.llm)
-  mesh = parallel.make_mesh(config.mesh)
-  parallel.validate_mesh_for_model(mesh, config.mesh.rules, batch_size=train_config.batch_size,
-                                   num_heads=None, num_kv_heads=None)
-  model, tokenizer = build.build_model(config)
-  place_model(model, mesh, config)
-  trainable = build.trainable_filter(build.trainable_patterns(config))
+  setup = set_up(config, workdir)
+  mesh, model, trainable = setup.mesh, setup.model, setup.trainable
+  optimizer, checkpointer = setup.optimizer, setup.checkpointer
   num_trainable = build.count_parameters(model, trainable)
   num_total = build.count_parameters(model, nnx.Param)
   logging.info('Trainable parameters: %s of %s.', f'{num_trainable:,}', f'{num_total:,}')
   if num_trainable == 0:
     raise ValueError(f'config.train.trainable={list(train_config.trainable)} matches no parameter.')
-  optimizer = make_optimizer(model, train_config, trainable)
-  caption_tokenizer = make_caption_tokenizer(config, tokenizer)
+  caption_tokenizer = make_caption_tokenizer(config, setup.tokenizer)
   dataset = make_train_data(config, caption_tokenizer)
   data_iter = iter(dataset)
 
-  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
-                              keep=train_config.keep_checkpoints)
   start_step = checkpointer.latest_step() or 0
   if not start_step and config.model.calibrate_text_features:
     calibrate_text_tower(model, next(iter(dataset)))

@@ -47,6 +47,23 @@ def test_tiny_one_step_end_to_end(tmp_path):
   assert (tmp_path / 'checkpoints' / '1').is_dir()
   assert any(name.startswith('events') for name in os.listdir(tmp_path / 'tensorboard'))
 
+  # Eval mode restores the checkpoint and reproduces the end-of-training evaluation.
+  (tmp_path / 'zero_shot.json').unlink()
+  result = run_main('--config=configs/tiny.py', '--config.train.steps=1',
+                    '--config.train.warmup_steps=0', '--config.mode=eval', f'--workdir={tmp_path}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / 'zero_shot.json') as f:
+    assert json.load(f) == results
+
+
+def test_eval_without_checkpoint_one_error_line(tmp_path):
+  result = run_main('--config=configs/tiny.py', '--config.mode=eval', f'--workdir={tmp_path}',
+                    timeout=300)
+  assert result.returncode != 0
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert 'No checkpoint in' in lines[-1]
+  assert 'Traceback' not in result.stderr
+
 
 def test_step_freezes_base_and_trains_groups():
   config = tiny_config()
