@@ -42,6 +42,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                'model.vit.image_size', 'model.vit.patch_size', 'model.vit.width',
                'model.vit.layers', 'model.vit.heads', 'data.max_length', 'eval.batch_size'):
     _positive(config, name)
+
   train = config.train
   _require(0 <= train.warmup_steps <= train.steps,
            f'config.train.warmup_steps={train.warmup_steps} must be between 0 and '
@@ -52,6 +53,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(train.grad_clip_norm >= 0,
            f'config.train.grad_clip_norm={train.grad_clip_norm} must be >= 0 (0 disables it).')
   _require(len(train.trainable) > 0, 'config.train.trainable is empty: nothing would train.')
+
   vit = config.model.vit
   _require(vit.image_size % vit.patch_size == 0,
            f'config.model.vit.image_size={vit.image_size} is not divisible by '
@@ -61,6 +63,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            f'config.model.vit.heads={vit.heads}.')
   _require(vit.act in ('gelu', 'quick_gelu'),
            f"config.model.vit.act={vit.act!r} must be 'gelu' or 'quick_gelu'.")
+
   for name in ('llm_dtype', 'llm_param_dtype'):
     value = config.model[name]
     _require(value in DTYPES, f'config.model.{name}={value!r} is not one of {DTYPES}.')
@@ -71,6 +74,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(random_llm.hidden_size % config.model.pooler_heads == 0,
              f'config.model.random_llm.hidden_size={random_llm.hidden_size} is not divisible '
              f'by config.model.pooler_heads={config.model.pooler_heads}.')
+
   _require(config.data.name in DATASETS,
            f'config.data.name={config.data.name!r} is not one of {DATASETS}.')
   _require('{caption}' in config.data.caption_wrapper,

@@ -101,7 +101,9 @@ def contrastive_loss_from_positives(
     logit_scale: jax.Array | float,
     positives: jax.Array,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The loss and metrics for bool `positives` `[images, texts]`; every image row needs one.
+  """Compute the loss and metrics for bool `positives` `[images, texts]`.
+
+  Every image row needs at least one positive.
 
   Each row's target is uniform over its positives. Text rows without any positive image are
   excluded from the text-to-image mean.

@@ -34,14 +34,14 @@ class CaptionTokenizer:
 
   Each row is `[bos] + prefix + caption + suffix + padding`. BOS is prepended only when the
   Hugging Face tokenizer adds it by itself with `add_special_tokens=True` (the SmolLM2 GGUF
-  tokenizer does not, under transformers 5.25). No EOS is appended, because the wrapper's suffix ends the sequence. Padding
-  uses `tokenizer.pad_token_id`, or `eos_token_id` when the tokenizer has no pad token.
+  tokenizer does not, under transformers 5.25). No EOS is appended, because the wrapper's suffix
+  ends the sequence. Padding uses `tokenizer.pad_token_id`, or `eos_token_id` when the tokenizer has no pad token.
 
   Whitespace that ends the prefix is moved to the front of the caption, so that a byte-level BPE
   tokenizer produces the " seven" token it would produce inside the whole string.
-  NOTE: the boundaries can still differ from tokenizing the joined string. A caption ending in '.'
-  before a suffix starting with '.' gives two '.' tokens where the joined text has one '..' token
-  (SmolLM2), and tokenizers that add a prefix space to every call (SentencePiece with
+  NOTE: the boundaries can still differ from tokenizing the joined string. With SmolLM2, a caption
+  ending in '.' before a suffix starting with '.' gives two '.' tokens where the joined text has
+  one '..' token. Tokenizers that add a prefix space to every call (SentencePiece with
   `add_dummy_prefix`) add one at each piece.
   """
 

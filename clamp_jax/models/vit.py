@@ -168,7 +168,7 @@ class VisionTransformer(nnx.Module):
     # Embedding scale width**-0.5 as in OpenAI CLIP's initialisation.
     scale = width ** -0.5
     # PyTorch's default Conv2d init (uniform with bound 1/sqrt(fan_in)), which CLIP keeps for its
-    # patch embedding; a smaller init lets the position embeddings drown the pixels at the start.
+    # patch embedding. A smaller init lets the position embeddings drown the pixels at the start.
     fan_in = config.patch_size * config.patch_size * 3
     self.patch_embedding = nnx.Param(
         jax.random.uniform(rngs.params(), (config.patch_size, config.patch_size, 3, width),

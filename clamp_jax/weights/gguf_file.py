@@ -53,17 +53,19 @@ def _field(reader, key: str, default=None):
 
 
 def gguf_config(reader, path: str, **overrides) -> LlamaConfig:
-  """Model config from the GGUF metadata (`general.architecture` must be 'llama')."""
+  """Read the model config from the GGUF metadata (`general.architecture` must be 'llama')."""
   arch = _field(reader, 'general.architecture')
   if arch != 'llama':
     raise WeightLoadError(
         f"{path}: unsupported GGUF architecture {arch!r}; only 'llama' is supported.")
   names = {t.name for t in reader.tensors}
+
   heads = int(_field(reader, 'llama.attention.head_count'))
   hidden = int(_field(reader, 'llama.embedding_length'))
   vocab = _field(reader, 'llama.vocab_size')
   if vocab is None:
     vocab = len(_field(reader, 'tokenizer.ggml.tokens'))
+
   scaling_type = _field(reader, 'llama.rope.scaling.type')
   rope_scaling = None
   if scaling_type not in (None, 'none'):
@@ -71,7 +73,9 @@ def gguf_config(reader, path: str, **overrides) -> LlamaConfig:
       raise WeightLoadError(
           f'{path}: rope scaling {scaling_type!r} in GGUF files is not supported; load the '
           'Hugging Face safetensors folder instead.')
-    rope_scaling = {'rope_type': 'linear', 'factor': float(_field(reader, 'llama.rope.scaling.factor'))}
+    factor = float(_field(reader, 'llama.rope.scaling.factor'))
+    rope_scaling = {'rope_type': 'linear', 'factor': factor}
+
   key_length = _field(reader, 'llama.attention.key_length')
   fields = dict(
       vocab_size=int(vocab),
