@@ -32,16 +32,21 @@ def trainable_filter(patterns) -> nnx.filterlib.Filter:
   return matches
 
 
-def build_llm(config: ml_collections.ConfigDict):
-  """Load the LLM and its tokenizer, or build a random LLM that borrows a checkpoint's tokenizer."""
+def build_llm(config: ml_collections.ConfigDict, place=None):
+  """Load the LLM and its tokenizer, or build a random LLM that borrows a checkpoint's tokenizer.
+
+  `place(variable, host_array)` puts each loaded tensor on devices as it is read (see
+  `clamp_jax.parallel.sharded_placer`).
+  """
   model_config = config.model
-  overrides = dict(dtype=model_config.llm_dtype, param_dtype=model_config.llm_param_dtype)
+  overrides = dict(dtype=model_config.llm_dtype, param_dtype=model_config.llm_param_dtype,
+                   remat=model_config.remat, scan_layers=model_config.scan_layers)
   if model_config.llm == 'random':
     llm_config = LlamaConfig(**model_config.random_llm.to_dict(), **overrides)
     llm = Llama(llm_config, rngs=nnx.Rngs(config.seed))
     tokenizer = load_tokenizer(resolve_checkpoint(model_config.random_llm_tokenizer))
   else:
-    llm, tokenizer = load_llm(model_config.llm, **overrides)
+    llm, tokenizer = load_llm(model_config.llm, place=place, **overrides)
   if tokenizer.pad_token_id is None:
     tokenizer.pad_token = tokenizer.eos_token
   return llm, tokenizer
@@ -51,14 +56,19 @@ def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
   vit = config.model.vit
   return ViTConfig(image_size=vit.image_size, patch_size=vit.patch_size, width=vit.width,
                    layers=vit.layers, heads=vit.heads, mlp_ratio=vit.mlp_ratio,
-                   embed_dim=config.model.embed_dim, act=vit.act, pool=vit.pool)
+                   embed_dim=config.model.embed_dim, act=vit.act, pool=vit.pool,
+                   dtype=vit.dtype, param_dtype=vit.param_dtype, remat=config.model.remat,
+                   scan_layers=config.model.scan_layers)
 
 
 def build_model(config: ml_collections.ConfigDict, llm: Llama | None = None,
-                tokenizer=None) -> tuple[CLAMP, object]:
-  """CLAMP with a loaded (or random) LLM, LoRA attached, a fresh tower head and a ViT."""
+                tokenizer=None, place=None) -> tuple[CLAMP, object]:
+  """CLAMP with a loaded (or random) LLM, LoRA attached, a fresh tower head and a ViT.
+
+  `place` is handed to the weight loader (see `build_llm`).
+  """
   if llm is None:
-    llm, tokenizer = build_llm(config)
+    llm, tokenizer = build_llm(config, place=place)
   rngs = nnx.Rngs(params=config.seed + 1, dropout=config.seed + 2)
   lora = config.model.lora
   adapted = apply_lora(llm, LoRAConfig(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
@@ -73,8 +83,10 @@ def build_model(config: ml_collections.ConfigDict, llm: Llama | None = None,
                          pooler_heads=config.model.pooler_heads, prompt_init_ids=init_ids,
                          rngs=rngs)
   image_tower = VisionTransformer(vit_config(config), rngs=rngs)
+  sigmoid = config.train.loss == 'sigmoid'
   model = CLAMP(image_tower, text_tower, init_logit_scale=config.model.init_logit_scale,
-                max_logit_scale=config.model.max_logit_scale)
+                max_logit_scale=config.model.max_logit_scale,
+                init_logit_bias=config.model.init_logit_bias if sigmoid else None)
   return model, tokenizer
 
 

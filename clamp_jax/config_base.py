@@ -11,12 +11,13 @@ TRAINABLE = (
     r'^text_tower/pooler/',
     r'^text_tower/projection/',
     r'^log_logit_scale$',
+    r'^logit_bias$',
 )
 
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.mode = 'train'  # One of: train, eval.
+  config.mode = 'train'  # One of: train, eval, plan.
   config.seed = 0  # Seed for parameter init, dropout and data order.
 
   model = config.model = ml_collections.ConfigDict()
@@ -30,6 +31,15 @@ def base_config() -> ml_collections.ConfigDict:
   model.random_llm_tokenizer = 'smollm2'
   model.llm_param_dtype = 'float32'  # Storage dtype of the frozen LLM weights: float32 or bfloat16.
   model.llm_dtype = 'float32'  # Compute dtype inside the LLM: float32 or bfloat16.
+  # Architecture for plan mode when model.llm is a checkpoint that is not on this machine:
+  # LlamaConfig fields as in random_llm. Empty: read config.json or GGUF metadata of model.llm.
+  model.llm_architecture = ml_collections.ConfigDict()
+  # Rematerialisation of each LLM layer and ViT block in the backward pass: 'none', 'full'
+  # (keep only block inputs), 'dots' (keep matmul outputs) or 'dots_no_batch'.
+  model.remat = 'none'
+  # Run the LLM layers and the ViT blocks as one jax.lax.scan each: compile time stays flat in
+  # depth; the layer weights are stacked (copied) once per step.
+  model.scan_layers = False
   model.embed_dim = 512  # Shared image-text embedding size.
   model.num_prompts = 24  # Read-only prompt tokens appended after each caption.
   model.pooler_heads = 8  # Heads of the attention pooler over the prompt positions.
@@ -38,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   model.calibrate_text_features = True
   model.init_logit_scale = 1 / 0.07  # Initial contrastive logit scale (exp of the learned log).
   model.max_logit_scale = 100.0  # The logit scale is clipped at this value.
+  model.init_logit_bias = -10.0  # Initial logit bias of the sigmoid loss (unused by softmax).
   lora = model.lora = ml_collections.ConfigDict()
   lora.rank = 16  # LoRA rank r.
   lora.alpha = 16.0  # LoRA alpha; the update is scaled by alpha / rank.
@@ -53,6 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
   vit.mlp_ratio = 4.0  # MLP hidden size as a multiple of width.
   vit.act = 'gelu'  # 'gelu' or 'quick_gelu' (OpenAI CLIP).
   vit.pool = 'token'  # 'token' (class token, as CLIP) or 'gap' (mean of the patch tokens).
+  vit.dtype = 'float32'  # Compute dtype of the image tower: float32 or bfloat16.
+  vit.param_dtype = 'float32'  # Storage dtype of the image tower's weights.
   # LiT: keep the image tower frozen. False adds '^image_tower/' to the trainable patterns.
   model.lock_image_tower = True
 
@@ -60,6 +73,11 @@ def base_config() -> ml_collections.ConfigDict:
   mesh.data = -1  # Data-parallel size; -1 takes the devices left over by the other axes.
   mesh.fsdp = 1  # Fully sharded data-parallel size: parameters split over this axis too.
   mesh.tensor = 1  # Tensor-parallel size: heads, MLP and vocabulary split over this axis.
+  # Sizes across TPU slices or GPU processes (DCN); each mesh axis has size ici * dcn, and the
+  # sizes above are then per slice. All 1 on a single slice or host.
+  mesh.dcn_data = 1
+  mesh.dcn_fsdp = 1
+  mesh.dcn_tensor = 1
   # Logical axis name -> mesh axes (a name, a tuple of names, or None to replicate).
   mesh.rules = (
       ('batch', ('data', 'fsdp')),
@@ -69,7 +87,19 @@ def base_config() -> ml_collections.ConfigDict:
       ('mlp', 'tensor'),
       ('vocab', 'tensor'),
       ('lora_rank', None),
+      # Activations at block boundaries: [batch, length, act_embed].
+      ('length', None),
+      ('act_embed', None),
   )
+
+  distributed = config.distributed = ml_collections.ConfigDict()
+  # Call jax.distributed.initialize(): 'auto' does so when the environment shows several
+  # processes (TPU pod worker, SLURM job with several tasks, JAX_COORDINATOR_ADDRESS set);
+  # 'yes' always; 'no' never.
+  distributed.initialize = 'auto'
+  distributed.coordinator_address = ''  # host:port of process 0; empty lets JAX detect it.
+  distributed.num_processes = 0  # Process count; 0 lets JAX detect it.
+  distributed.process_id = -1  # This process's index; -1 lets JAX detect it.
 
   train = config.train = ml_collections.ConfigDict()
   train.steps = 1000  # Optimizer steps; the learning-rate schedule spans all of them.
@@ -83,22 +113,83 @@ def base_config() -> ml_collections.ConfigDict:
   train.b1 = 0.9  # AdamW beta1.
   train.b2 = 0.98  # AdamW beta2.
   train.grad_clip_norm = 1.0  # Global gradient norm clipping; 0 disables it.
+  train.loss = 'softmax'  # 'softmax' (CLIP's symmetric InfoNCE) or 'sigmoid' (SigLIP).
+  # Gather embeddings across devices with jax.shard_map in the loss (each device computes its
+  # own rows against all columns); False leaves the loss to the compiler.
+  train.sharded_loss = True
+  # Split each batch into this many micro-batches with the gradient-cache method: the loss and
+  # its gradients stay those of the whole batch, activation memory is one micro-batch's.
+  train.microbatches = 1
   train.trainable = TRAINABLE  # Regexes over parameter paths that get gradients and Adam state.
   train.log_every = 10  # Steps between metric writes.
   train.checkpoint_every = 200  # Steps between Orbax checkpoints (one is also saved at the end).
   train.keep_checkpoints = 3  # Checkpoints kept on disk.
 
   data = config.data = ml_collections.ConfigDict()
-  data.name = 'digits'  # Training dataset; 'digits' is scikit-learn's 8x8 handwritten digits.
-  data.test_fraction = 0.2  # Share of the dataset held out for zero-shot evaluation.
-  data.split_seed = 0  # Seed of the fixed train/test split.
-  data.templates = ('a photo of the handwritten digit {}.',)  # Caption templates for training.
-  # Instruction format around each caption; '{caption}' is replaced by the filled template.
+  data.test_fraction = 0.2  # Share of the digits held out for zero-shot evaluation.
+  data.split_seed = 0  # Seed of the fixed digits train/test split.
+  # Caption templates with one '{}' for the class name, for training on digits, on an image
+  # folder and on a TFDS class label.
+  data.templates = ('a photo of the handwritten digit {}.',)
+  # Instruction format around each caption; '{caption}' is replaced by the caption.
   data.caption_wrapper = (
       '<|im_start|>user\nDescribe {caption}<|im_end|>\n<|im_start|>assistant\n1.')
-  # Run the text tower once per distinct caption (class x template) in place of once per image.
+  # Digits only: run the text tower once per distinct caption (class x template) in place of
+  # once per image. The other kinds always give one caption per image.
   data.caption_table = True
   data.max_length = 32  # Caption tokens per sample, wrapper included; prompts come on top.
+
+  source = data.train = ml_collections.ConfigDict()
+  # Training data: 'digits' (scikit-learn's 8x8 digits), 'webdataset' (tar shards), 'folder'
+  # (one subfolder per class), 'csv' (path,caption rows), 'array_record' (records written by
+  # make_shards), 'tfds' (needs the [tfds] extra) or 'mixture' (several sources, weighted).
+  source.kind = 'digits'
+  # What to read. webdataset, array_record: a file pattern with brace ranges or globs, such as
+  # '/data/laion/{00000..01066}.tar'. folder: the root folder. csv: a .csv or .tsv file.
+  # tfds: the dataset name.
+  source.pattern = ''
+  # mixture: one 'KIND:PATTERN' string per source, such as 'webdataset:/d/{00000..00099}.tar'.
+  source.sources = ()
+  # mixture: relative sampling weight of each source, counted in samples; empty: equal weights.
+  source.weights = ()
+  # folder: class names, one per line in sorted subfolder order or as folder<TAB>name lines;
+  # empty: the subfolder names.
+  source.class_names_file = ''
+  source.tfds_split = 'train'  # tfds: split to read.
+  source.tfds_data_dir = ''  # tfds: folder of the prepared dataset; empty: TFDS's default.
+  source.tfds_image_key = 'image'  # tfds: image feature.
+  # tfds: caption feature; a ClassLabel feature gives captions from data.templates.
+  source.tfds_caption_key = 'caption'
+  source.cycle_length = 8  # webdataset: shards read at the same time, interleaved.
+  # webdataset: samples per shuffle window; 0 or 1 keeps the shard order of samples. The
+  # other kinds shuffle all samples of an epoch.
+  source.shuffle_buffer = 1000
+  source.read_threads = 8  # folder, csv, array_record, tfds: threads that read and decode.
+  # Worker processes that read, decode and batch; 0 does this in one background thread of the
+  # training process. A resumed run must use the same number.
+  source.num_workers = 0
+  source.worker_buffer_size = 2  # Batches prepared ahead by each worker (or by the thread).
+  # Training augmentation: a random crop (torchvision's RandomResizedCrop) in place of CLIP's
+  # resize and center crop.
+  source.random_resized_crop = False
+  source.crop_scale = (0.9, 1.0)  # random_resized_crop: (min, max) share of the image area.
+  # Images with more pixels (width * height) are skipped; the default is Pillow's
+  # decompression-bomb warning limit.
+  source.max_image_pixels = 89_478_485
+  # Raise DataQualityError when more than this share of the samples read has been skipped,
+  # once skip_check_min_samples have been read (counted per source and per worker process).
+  source.max_skip_fraction = 0.1
+  source.skip_check_min_samples = 1000
+
+  plan = config.plan = ml_collections.ConfigDict()
+  # Plan mode compiles the train step for this many simulated devices (0: the real devices).
+  plan.devices = 0
+  plan.device_memory_gib = 16.0  # Memory of one device in GiB.
+  # Share of device memory the step may use; the rest is left for the runtime and fragmentation.
+  plan.usable_fraction = 0.95
+  # Compile for this TPU topology instead of CPU devices, e.g. 'v5e:4x8' or 'v6e:8x8' (needs
+  # libtpu: pip install 'clamp-jax[tpu-plan]'); plan.devices is then ignored. Empty: CPU.
+  plan.topology = ''
 
   evaluation = config.eval = ml_collections.ConfigDict()
   evaluation.templates = ('a photo of the handwritten digit {}.', 'a handwritten {}.',

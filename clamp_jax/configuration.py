@@ -10,10 +10,12 @@ import uuid
 
 import ml_collections
 
+from clamp_jax.data.source_config import validate_train_source
 from clamp_jax.modes import MODES
 
-DATASETS = ('digits',)
 DTYPES = ('float32', 'bfloat16')
+# Kept in step with clamp_jax.models.layers.REMAT_CHOICES, which needs JAX to import.
+REMAT_CHOICES = ('none', 'full', 'dots', 'dots_no_batch')
 
 
 class ConfigError(ValueError):
@@ -54,6 +56,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            f'config.train.grad_clip_norm={train.grad_clip_norm} must be >= 0 (0 disables it).')
   _require(len(train.trainable) > 0, 'config.train.trainable is empty: nothing would train.')
 
+  _require(train.loss in ('softmax', 'sigmoid'),
+           f"config.train.loss={train.loss!r} must be 'softmax' or 'sigmoid'.")
+  _require(isinstance(train.microbatches, int) and train.microbatches >= 1,
+           f'config.train.microbatches={train.microbatches!r} must be an integer >= 1.')
+  _require(train.batch_size % train.microbatches == 0,
+           f'config.train.batch_size={train.batch_size} is not divisible by '
+           f'config.train.microbatches={train.microbatches}.')
+  if train.loss == 'sigmoid' and config.data.train.kind == 'digits':
+    _require(not config.data.caption_table,
+             'config.train.loss=sigmoid needs one caption per image; set '
+             'config.data.caption_table=False.')
+  _require(config.model.remat in REMAT_CHOICES,
+           f'config.model.remat={config.model.remat!r} is not one of {REMAT_CHOICES}.')
+  _require(config.distributed.initialize in ('auto', 'yes', 'no'),
+           f"config.distributed.initialize={config.distributed.initialize!r} must be 'auto', "
+           "'yes' or 'no'.")
+  if config.mode == 'plan':
+    _require(config.plan.devices >= 0,
+             f'config.plan.devices={config.plan.devices} must be >= 0 (0: the real devices).')
+    _require(config.plan.device_memory_gib > 0,
+             f'config.plan.device_memory_gib={config.plan.device_memory_gib} must be positive.')
+    _require(0 < config.plan.usable_fraction <= 1,
+             f'config.plan.usable_fraction={config.plan.usable_fraction} must be in (0, 1].')
+
   vit = config.model.vit
   _require(vit.image_size % vit.patch_size == 0,
            f'config.model.vit.image_size={vit.image_size} is not divisible by '
@@ -64,8 +90,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(vit.act in ('gelu', 'quick_gelu'),
            f"config.model.vit.act={vit.act!r} must be 'gelu' or 'quick_gelu'.")
 
-  for name in ('llm_dtype', 'llm_param_dtype'):
-    value = config.model[name]
+  for name in ('llm_dtype', 'llm_param_dtype', 'vit.dtype', 'vit.param_dtype'):
+    section, _, key = name.rpartition('.')
+    value = (config.model[section] if section else config.model)[key]
     _require(value in DTYPES, f'config.model.{name}={value!r} is not one of {DTYPES}.')
   _require(0 <= config.model.lora.dropout < 1,
            f'config.model.lora.dropout={config.model.lora.dropout} must be in [0, 1).')
@@ -75,8 +102,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
              f'config.model.random_llm.hidden_size={random_llm.hidden_size} is not divisible '
              f'by config.model.pooler_heads={config.model.pooler_heads}.')
 
-  _require(config.data.name in DATASETS,
-           f'config.data.name={config.data.name!r} is not one of {DATASETS}.')
+  try:
+    if config.mode != 'plan':  # Plan mode reads no data, so the files need not exist here.
+      validate_train_source(config.data.train)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   _require('{caption}' in config.data.caption_wrapper,
            f'config.data.caption_wrapper={config.data.caption_wrapper!r} has no {{caption}} '
            'field to put the caption in.')

@@ -5,7 +5,11 @@
 
 `--config` names an ml_collections config file; `--config.a.b=value` overrides any of its fields.
 `config.mode` picks the job: 'train' trains (resuming from WORKDIR/checkpoints) and evaluates;
-'eval' restores the latest checkpoint and evaluates.
+'eval' restores the latest checkpoint and evaluates; 'plan' compiles the train step for
+`config.plan.devices` simulated devices and reports per-device memory and whether it fits:
+
+    python -m clamp_jax.main --config=configs/llama7b.py --workdir=/tmp/plan7b \
+        --config.mode=plan --config.plan.devices=32 --config.plan.device_memory_gib=32
 """
 
 from __future__ import annotations
@@ -40,15 +44,32 @@ def main(argv: list[str]) -> None:
     sys.exit(f'error: {e}')
   _quiet_library_logs()
   logging.info('Config:\n%s', config)
+  if config.mode == 'plan' and config.plan.devices > 0 and not config.plan.topology:
+    simulate_cpu_devices(config.plan.devices)
 
   # Imported after validation so that a bad config fails fast, before JAX starts.
   from clamp_jax import modes
+  from clamp_jax.data import DataQualityError
   from clamp_jax.parallel import MeshError
   from clamp_jax.weights import WeightLoadError
   try:
     modes.run(config, workdir)
-  except (MeshError, WeightLoadError, FileNotFoundError) as e:
+  except (MeshError, WeightLoadError, DataQualityError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
+
+
+def simulate_cpu_devices(count: int) -> None:
+  """Make JAX start with `count` CPU devices. Works only before JAX's backends start."""
+  import jax
+  from jax._src import xla_bridge
+
+  if xla_bridge.backends_are_initialized():
+    sys.exit('error: JAX started before plan mode could set the simulated device count.')
+  flags_value = os.environ.get('XLA_FLAGS', '')
+  flags_value = ' '.join(flag for flag in flags_value.split()
+                         if not flag.startswith('--xla_force_host_platform_device_count'))
+  os.environ['XLA_FLAGS'] = f'{flags_value} --xla_force_host_platform_device_count={count}'
+  jax.config.update('jax_platforms', 'cpu')
 
 
 class _OwnInfoOnly(logging.Filter):

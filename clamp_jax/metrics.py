@@ -8,18 +8,24 @@ import os
 
 
 class MetricWriter:
-  """Appends `{'step': int, name: float, ...}` lines to WORKDIR/metrics.jsonl and TensorBoard."""
+  """Appends `{'step': int, name: float or int, ...}` lines to WORKDIR/metrics.jsonl and TensorBoard."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
+    """`enabled=False` (every process but the first of a multi-process run) writes nothing."""
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._file = open(self.path, 'a', encoding='utf-8')
+    self.enabled = enabled
+    self._file = open(self.path, 'a', encoding='utf-8') if enabled else None
     self._tb = None
-    if tensorboard:
+    if tensorboard and enabled:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
-    values = {name: float(value) for name, value in metrics.items()}
+    if not self.enabled:
+      return
+    # Counts stay integers in the JSON; everything else is a float.
+    values = {name: value if isinstance(value, int) else float(value)
+              for name, value in metrics.items()}
     self._file.write(json.dumps({'step': int(step), **values}) + '\n')
     self._file.flush()
     if self._tb is not None:
@@ -29,7 +35,8 @@ class MetricWriter:
       self._tb.flush()
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 

@@ -15,8 +15,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   evaluate_checkpoint(config, workdir)
 
 
-MODES = {'train': train, 'eval': evaluate}
+def plan(config: ml_collections.ConfigDict, workdir: str) -> None:
+  from clamp_jax.plan import run_plan
+  run_plan(config, workdir)
+
+
+MODES = {'train': train, 'eval': evaluate, 'plan': plan}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if config.mode != 'plan':
+    from clamp_jax.distributed import maybe_initialize
+    maybe_initialize(config)
   MODES[config.mode](config, workdir)

@@ -4,13 +4,23 @@ Parameters carry logical axis names (`embed`, `heads`, `mlp`, ...) in their `log
 metadata. The config's rules map each name to one mesh axis, a tuple of mesh axes, or None
 (replicated). A tensor dimension that the mapped mesh axes do not divide evenly is replicated,
 with a log line, instead of failing at compile time.
+
+Activations are constrained at block boundaries with `constrain(x, ('batch', 'length',
+'act_embed'))`. The constraint applies only inside `activation_sharding(mesh, rules)`, which the
+train step enters while it traces, so models called outside it (generation, tests) are unchanged.
+
+On multi-slice TPU the mesh is hybrid: `config.mesh.{data,fsdp,tensor}` are the sizes inside one
+slice (ICI) and `config.mesh.dcn_{data,fsdp,tensor}` the sizes across slices (DCN). Each mesh axis
+then has size `ici * dcn`, slice-major, so collectives over an axis cross the slow links least.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 import jax
 import ml_collections
@@ -25,8 +35,20 @@ class MeshError(ValueError):
   """Mesh sizes that do not fit the devices, the batch or the model."""
 
 
+def dcn_shape(mesh_config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Sizes across slices, `{'data': dcn_data, ...}`; all 1 for a single slice."""
+  sizes = {axis: int(mesh_config.get(f'dcn_{axis}', 1)) for axis in MESH_AXES}
+  for axis, size in sizes.items():
+    if size < 1:
+      raise MeshError(f'config.mesh.dcn_{axis}={size} must be a positive size.')
+  return sizes
+
+
 def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-  """Resolve the sizes of `data`, `fsdp` and `tensor`. At most one may be -1 to fill the rest."""
+  """Resolve the sizes of `data`, `fsdp` and `tensor` inside one slice.
+
+  At most one may be -1 to fill the rest. `num_devices` counts the devices of one slice.
+  """
   sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
   free = [axis for axis, size in sizes.items() if size == -1]
   if len(free) > 1:
@@ -51,11 +73,63 @@ def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int)
 
 def make_mesh(mesh_config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Build a `Mesh` over `devices` (all by default) with axes `data`, `fsdp` and `tensor`."""
+  """Build a `Mesh` over `devices` (all by default) with axes `data`, `fsdp` and `tensor`.
+
+  With DCN sizes above 1 the devices are grouped into slices: by `slice_index` on multi-slice
+  TPU, by process on multi-process GPU, and into equal consecutive blocks in one process.
+  """
   devices = list(devices if devices is not None else jax.devices())
-  sizes = resolve_mesh_shape(mesh_config, len(devices))
-  shape = tuple(sizes[axis] for axis in MESH_AXES)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  dcn = dcn_shape(mesh_config)
+  num_slices = math.prod(dcn.values())
+  if len(devices) % num_slices:
+    raise MeshError(
+        f'{len(devices)} devices cannot form {num_slices} slices of equal size (config.mesh.'
+        f'dcn_data={dcn["data"]} x dcn_fsdp={dcn["fsdp"]} x dcn_tensor={dcn["tensor"]}).')
+  slices = _group_slices(devices, num_slices)
+  ici = resolve_mesh_shape(mesh_config, len(slices[0]))
+  ici_shape = tuple(ici[axis] for axis in MESH_AXES)
+  if num_slices == 1:
+    return Mesh(_slice_grid(slices[0], ici_shape), MESH_AXES)
+  dcn_dims = tuple(dcn[axis] for axis in MESH_AXES)
+  grid = np.stack([_slice_grid(s, ici_shape) for s in slices])  # [slice, data, fsdp, tensor]
+  grid = grid.reshape(dcn_dims + ici_shape)
+  # Interleave to [dcn_data, ici_data, dcn_fsdp, ici_fsdp, ...]: each axis is slice-major.
+  grid = grid.transpose(0, 3, 1, 4, 2, 5)
+  shape = tuple(d * i for d, i in zip(dcn_dims, ici_shape))
+  return Mesh(grid.reshape(shape), MESH_AXES)
+
+
+def _group_slices(devices: list, num_slices: int) -> list[list]:
+  """Split `devices` into `num_slices` equal lists: by TPU slice, else by process, else in order.
+
+  The last case lets one process simulate several slices.
+  """
+  if num_slices == 1:
+    return [devices]
+  for attribute in ('slice_index', 'process_index'):
+    groups: dict[int, list] = {}
+    for device in devices:
+      groups.setdefault(getattr(device, attribute, 0) or 0, []).append(device)
+    if len(groups) > 1:
+      if len(groups) != num_slices:
+        raise MeshError(
+            f'The devices form {len(groups)} groups by {attribute}, but the config.mesh.dcn_* '
+            f'sizes multiply to {num_slices}.')
+      return [groups[key] for key in sorted(groups)]
+  size = len(devices) // num_slices
+  return [devices[i * size:(i + 1) * size] for i in range(num_slices)]
+
+
+def _slice_grid(devices: list, shape: tuple[int, ...]) -> np.ndarray:
+  """Devices of one slice as an array of `shape`, topology-aware on TPU."""
+  if devices[0].platform == 'tpu':
+    from jax.experimental import mesh_utils
+    try:
+      return mesh_utils.create_device_mesh(shape, devices)
+    except (AssertionError, NotImplementedError, ValueError) as e:
+      # One device per TensorCore (v4 topologies in libtpu 0.0.42) has no physical layout there.
+      logging.info('No topology-aware layout for mesh %s (%s); using device order.', shape, e)
+  return np.asarray(devices).reshape(shape)
 
 
 def rules_dict(rules) -> dict[str, tuple[str, ...] | None]:
@@ -114,13 +188,37 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules):
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def place_array(value, sharding: NamedSharding) -> jax.Array:
+  """Put `value` (a numpy or JAX array, whole on every process) onto `sharding`.
+
+  With several processes each one contributes only the shards of its own devices.
+  """
+  if isinstance(value, np.ndarray):
+    # Each device's slice is copied on its own, so a transposed or strided view never becomes
+    # one whole contiguous copy on the host.
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+  if jax.process_count() == 1:
+    return jax.device_put(value, sharding)
+  if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+    impl = jax.random.key_impl(value)
+    return jax.random.wrap_key_data(place_array(jax.random.key_data(value), sharding), impl=impl)
+  host = np.asarray(value)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def sharded_placer(mesh: Mesh, rules):
+  """Return `place(variable, host_array)` for the weight loaders. Each tensor goes straight into
+  the shards of its variable's logical axes, so no host ever has the whole model in memory."""
+  return lambda variable, array: place_array(array, variable_sharding(variable, mesh, rules))
+
+
 def shard_module(module: nnx.Module, mesh: Mesh, rules) -> None:
   """Move every variable of `module` onto `mesh` with the sharding its logical axes ask for."""
   state = nnx.state(module)
   shardings = state_shardings(state, mesh, rules)
 
   def place(variable, sharding):
-    variable.set_value(jax.device_put(variable.get_value(), sharding))
+    variable.set_value(place_array(variable.get_value(), sharding))
     return variable
 
   jax.tree.map(place, state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -167,3 +265,52 @@ def place_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules,
   return {key: jax.make_array_from_process_local_data(whole if key in replicated else split,
                                                       np.asarray(value))
           for key, value in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation sharding
+# ----------------------------------------------------------------------------------------------
+
+_ACTIVATIONS = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules) -> Iterator[None]:
+  """Make `constrain` apply `rules` on `mesh` while tracing inside this context."""
+  previous = getattr(_ACTIVATIONS, 'value', None)
+  _ACTIVATIONS.value = (mesh, rules)
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.value = previous
+
+
+def gather_for_use(weight: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Constrain a weight to its sharding without the batch axes (`data`, `fsdp`) before a matmul.
+
+  This all-gathers an FSDP-sharded weight at its use, layer by layer, as ZeRO-3 does, so the
+  compiler never chooses to gather the (much larger) batch of activations instead. A no-op
+  outside `activation_sharding`.
+  """
+  context = getattr(_ACTIVATIONS, 'value', None)
+  if context is None:
+    return weight
+  mesh, rules = context
+  spec = logical_to_spec(logical_axes, weight.shape, mesh, rules)
+  kept = []
+  for entry in spec:
+    names = entry if isinstance(entry, tuple) else (entry,) if entry else ()
+    names = tuple(name for name in names if name not in ('data', 'fsdp'))
+    kept.append(names[0] if len(names) == 1 else names or None)
+  return jax.lax.with_sharding_constraint(weight, NamedSharding(mesh, PartitionSpec(*kept)))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Constrain activation `x` to the sharding its logical axes map to; a no-op outside
+  `activation_sharding`."""
+  context = getattr(_ACTIVATIONS, 'value', None)
+  if context is None:
+    return x
+  mesh, rules = context
+  spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -24,11 +24,11 @@ from tqdm import tqdm
 from clamp_jax import build, parallel
 from clamp_jax.checkpointing import Checkpointer
 from clamp_jax.data.captions import CaptionTokenizer
-from clamp_jax.data.pipeline import make_digits_dataset
+from clamp_jax.data.train_data import make_train_dataset, uses_caption_table
 from clamp_jax.evaluation.zero_shot import run_zero_shot
-from clamp_jax.losses import (equal_caption_mask, indexed_contrastive_loss,
-                              softmax_contrastive_loss)
+from clamp_jax import step as step_lib
 from clamp_jax.metrics import MetricWriter
+from clamp_jax.step import CAPTION_KEYS, CompiledStep, StepOptions
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -70,33 +70,17 @@ def make_optimizer(model: nnx.Module, train_config: ml_collections.ConfigDict,
 # ----------------------------------------------------------------------------------------------
 
 
-def make_train_step(trainable):
-  """Build the jitted `(model, optimizer, batch) -> metrics` step, which updates both in place."""
+def step_options(config: ml_collections.ConfigDict) -> StepOptions:
+  return StepOptions(loss=config.train.loss, sharded_loss=config.train.sharded_loss,
+                     microbatches=config.train.microbatches)
 
-  def loss_fn(model, batch):
-    images, texts, logit_scale = model(batch['image'], batch['input_ids'],
-                                       batch['attention_mask'])
-    if 'caption_index' in batch and texts.shape[0] != images.shape[0]:
-      # The batch carries a table of distinct captions, and each image's positive is its own row.
-      loss, metrics = indexed_contrastive_loss(images, texts, logit_scale, batch['caption_index'])
-    else:
-      # Captions built from class names repeat within a batch, so equal captions count as positives.
-      positives = equal_caption_mask(batch['input_ids'], batch['attention_mask'])
-      loss, metrics = softmax_contrastive_loss(images, texts, logit_scale, positives)
-    return loss, (metrics, logit_scale)
 
-  @nnx.jit
-  def train_step(model, optimizer, batch):
-    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable), has_aux=True)
-    (loss, (metrics, logit_scale)), grads = grad_fn(model, batch)
-    optimizer.update(model, grads)
-    out = {f'train/{name}': value for name, value in metrics.items()}
-    out['train/loss'] = loss
-    out['train/logit_scale'] = logit_scale
-    out['train/grad_norm'] = optax.tree.norm(grads)
-    return out
-
-  return train_step
+def make_train_step(model, optimizer, trainable, config: ml_collections.ConfigDict,
+                    mesh: jax.sharding.Mesh, batch: dict) -> CompiledStep:
+  """The jitted step for batches shaped like `batch` (a dict of device arrays)."""
+  replicated = replicated_keys(config)
+  return step_lib.make_train_step(model, optimizer, trainable, step_options(config), mesh,
+                                  config.mesh.rules, tuple(batch), replicated)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,14 +93,12 @@ def make_caption_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> Capt
 
 
 def make_train_data(config: ml_collections.ConfigDict, caption_tokenizer: CaptionTokenizer):
-  if config.data.name != 'digits':
-    raise ValueError(f"data.name={config.data.name!r} is not supported; use 'digits'.")
-  return make_digits_dataset(
-      'train', caption_tokenizer=caption_tokenizer, templates=tuple(config.data.templates),
-      image_size=config.model.vit.image_size, batch_size=config.train.batch_size,
-      seed=config.seed, split_seed=config.data.split_seed,
-      test_fraction=config.data.test_fraction, caption_table=config.data.caption_table,
-      shuffle=True, repeat=True)
+  return make_train_dataset(config, caption_tokenizer)
+
+
+def replicated_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Batch entries every device gets whole: the caption table, when the data carries one."""
+  return CAPTION_KEYS if uses_caption_table(config) else ()
 
 
 @dataclasses.dataclass
@@ -138,10 +120,15 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> TrainingSetup:
   # The batch check needs no model, so a misfit batch fails before the LLM loads.
   parallel.validate_mesh_for_model(mesh, config.mesh.rules, batch_size=config.train.batch_size,
                                    num_heads=None, num_kv_heads=None)
-  model, tokenizer = build.build_model(config)
+  # Checkpoint tensors go into their shards as they are read; place_model then moves the
+  # remaining (new) parameters onto the mesh.
+  model, tokenizer = build.build_model(
+      config, place=parallel.sharded_placer(mesh, config.mesh.rules))
   place_model(model, mesh, config)
   trainable = build.trainable_filter(build.trainable_patterns(config))
   optimizer = make_optimizer(model, config.train, trainable)
+  # Adam's moments follow their parameters' shardings; the step counters are replicated.
+  parallel.shard_module(optimizer, mesh, config.mesh.rules)
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
                               keep=config.train.keep_checkpoints)
   return TrainingSetup(mesh, model, tokenizer, trainable, optimizer, checkpointer)
@@ -203,30 +190,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_iter = iter(dataset)
 
   start_step = checkpointer.latest_step() or 0
+  replicated = replicated_keys(config)
   if not start_step and config.model.calibrate_text_features:
-    calibrate_text_tower(model, next(iter(dataset)))
+    first = iter(dataset)
+    calibrate_text_tower(model, split_data_counters(next(first), mesh, config.mesh.rules,
+                                                    replicated)[0])
+    close_iterator(first)
   if start_step:
     data_state = checkpointer.restore(start_step, model=model, optimizer=optimizer,
                                       trainable=trainable)
     data_iter.set_state(data_state)
     logging.info('Resuming from step %d of %d.', start_step, train_config.steps)
 
-  writer = MetricWriter(workdir)
-  train_step = make_train_step(trainable)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   model.train()
-  replicated = ('input_ids', 'attention_mask') if config.data.caption_table else ()
-  batches = (parallel.place_batch(batch, mesh, config.mesh.rules, replicated)
+  batches = (split_data_counters(batch, mesh, config.mesh.rules, replicated)
              for batch in data_iter)
-  last_metrics = run_train_loop(model, optimizer, data_iter, batches, train_step, checkpointer,
+  make_step = lambda batch: make_train_step(model, optimizer, trainable, config, mesh, batch)
+  last_metrics = run_train_loop(model, optimizer, data_iter, batches, make_step, checkpointer,
                                 writer, train_config, start_step, trainable)
   checkpointer.wait()
+  close_iterator(data_iter)
 
   results = {'train': last_metrics}
   finished = (checkpointer.latest_step() or 0) >= train_config.steps
   if not finished:
     logging.info('Stopped at step %d of %d; rerun the same command to resume.',
                  checkpointer.latest_step() or 0, train_config.steps)
-  if finished and config.eval.at_end:
+  if finished and config.eval.at_end and jax.process_count() > 1:
+    # NOTE: zero-shot evaluation feeds process-local arrays, so it runs in one process only.
+    logging.warning('Skipping zero-shot evaluation in a %d-process run; run config.mode=eval '
+                    'from one process.', jax.process_count())
+  elif finished and config.eval.at_end:
     model.eval()
     results['eval'] = run_zero_shot(model, caption_tokenizer, config, workdir)
     writer.write(train_config.steps, {f'eval/digits/{k}': v for k, v in
@@ -236,28 +231,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def run_train_loop(model, optimizer, data_iter, batches, train_step, checkpointer, writer,
+def close_iterator(iterator) -> None:
+  """Stop a data iterator's worker processes, if it has any."""
+  close = getattr(iterator, 'close', None)
+  if close is not None:
+    close()
+
+
+def split_data_counters(batch: dict, mesh, rules, replicated) -> tuple[dict, dict]:
+  """Put a host batch on the mesh; entries named 'data/...' (input counters) stay on the host."""
+  counters = {key: value for key, value in batch.items() if key.startswith('data/')}
+  arrays = {key: value for key, value in batch.items() if not key.startswith('data/')}
+  return parallel.place_batch(arrays, mesh, rules, replicated), counters
+
+
+def run_train_loop(model, optimizer, data_iter, batches, make_step, checkpointer, writer,
                    train_config, start_step, trainable) -> dict:
   """Step from `start_step` to `train_config.steps`, logging and checkpointing on schedule.
 
-  `batches` yields device batches drawn from `data_iter`, whose state is saved with each
-  checkpoint.
+  `batches` yields `(device batch, input counters)` drawn from `data_iter`, whose state is saved
+  with each checkpoint. `make_step(batch)` builds the jitted step on the first batch.
   """
   total = train_config.steps
   end = min(total, train_config.stop_after_steps or total)
   schedule = make_schedule(train_config)
   batch_size = train_config.batch_size
   last = {}
-  progress = tqdm(total=total, initial=start_step, desc='train', unit='step', dynamic_ncols=True)
+  progress = tqdm(total=total, initial=start_step, desc='train', unit='step', dynamic_ncols=True,
+                  disable=jax.process_index() != 0)
   window_start, window_steps = time.perf_counter(), 0
+  train_step = None
   for step in range(start_step + 1, end + 1):
-    batch = next(batches)
+    batch, counters = next(batches)
+    if train_step is None:
+      train_step = make_step(batch)
     metrics = train_step(model, optimizer, batch)
     window_steps += 1
     progress.update(1)
 
     if step % train_config.log_every == 0 or step == end:
       metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
+      metrics.update({name: int(value) for name, value in counters.items()})
       if not math.isfinite(metrics['train/loss']):
         raise NonFiniteLossError(
             f'train/loss is {metrics["train/loss"]} at step {step}; lower '

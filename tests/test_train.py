@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clamp_jax import build, train
+from clamp_jax import build, parallel, train
+from clamp_jax.step import CAPTION_KEYS
 from clamp_jax.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,14 +72,18 @@ def test_step_freezes_base_and_trains_groups():
   model, tokenizer = build.build_model(config)
   trainable = build.trainable_filter(build.trainable_patterns(config))
   optimizer = train.make_optimizer(model, config.train, trainable)
-  batch = next(iter(train.make_train_data(config, train.make_caption_tokenizer(config, tokenizer))))
+  mesh = parallel.make_mesh(config.mesh)
+  train.place_model(model, mesh, config)
+  host_batch = next(iter(train.make_train_data(config,
+                                               train.make_caption_tokenizer(config, tokenizer))))
+  batch, _ = train.split_data_counters(host_batch, mesh, config.mesh.rules, CAPTION_KEYS)
   base_weights = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
   frozen = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model.text_tower.llm, base_weights)))
   before = {build.path_string(p): np.array(v.get_value())
             for p, v in nnx.to_flat_state(nnx.state(model, trainable))}
 
   model.train()
-  train.make_train_step(trainable)(model, optimizer, batch)
+  train.make_train_step(model, optimizer, trainable, config, mesh, batch)(model, optimizer, batch)
 
   frozen_after = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model.text_tower.llm,
                                                                    base_weights)))

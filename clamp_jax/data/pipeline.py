@@ -115,6 +115,8 @@ def make_digits_dataset(
     test_fraction: float = 0.2,
     caption_table: bool = False,
     read_options: grain.ReadOptions | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> grain.IterDataset:
   """Build a batched digits dataset. `iter()` on it gives a checkpointable `grain.DatasetIterator`.
 
@@ -143,6 +145,11 @@ def make_digits_dataset(
     caption_table: emit the distinct-caption table instead of one caption per image.
     read_options: grain threading and prefetch settings. The default keeps grain's thread count and
       buffers `2 * batch_size` examples, far fewer than grain's 500.
+    process_index: this process's index among `process_count` processes. Each reads every
+      `process_count`-th example of the shuffled stream, starting at its index, so with
+      `batch_size` set to the global batch over `process_count` the processes' batches together
+      hold exactly the examples of one global batch.
+    process_count: number of processes reading.
   """
   if batch_size <= 0:
     raise ValueError(f'batch_size must be positive, got {batch_size}.')
@@ -157,6 +164,8 @@ def make_digits_dataset(
   if repeat:
     dataset = dataset.repeat()
   dataset = dataset.map_with_index(DigitExamples(images, labels, captions, image_size, seed))
+  if process_count > 1:
+    dataset = dataset[process_index::process_count]
 
   if read_options is None:
     read_options = grain.ReadOptions(prefetch_buffer_size=2 * batch_size)

@@ -28,15 +28,27 @@ class CLAMP(nnx.Module):
   """
 
   def __init__(self, image_tower: nnx.Module, text_tower: TextTower, *,
-               init_logit_scale: float = 1 / 0.07, max_logit_scale: float = 100.0):
+               init_logit_scale: float = 1 / 0.07, max_logit_scale: float = 100.0,
+               init_logit_bias: float | None = None):
+    """`init_logit_bias` adds a learned scalar bias for the sigmoid loss (SigLIP uses -10)."""
     self.image_tower = image_tower
     self.text_tower = text_tower
     self.max_logit_scale = max_logit_scale
     self.log_logit_scale = TemperatureParam(jnp.asarray(math.log(init_logit_scale), jnp.float32),
                                             logical_axes=())
+    self.logit_bias = nnx.data(
+        None if init_logit_bias is None else
+        TemperatureParam(jnp.asarray(init_logit_bias, jnp.float32), logical_axes=()))
 
   def logit_scale(self) -> jax.Array:
     return jnp.minimum(jnp.exp(self.log_logit_scale[...]), self.max_logit_scale)
+
+  def bias(self) -> jax.Array:
+    """The sigmoid loss's logit bias; raises if the model was built without one."""
+    if self.logit_bias is None:
+      raise ValueError('This model has no logit bias; build it with init_logit_bias for the '
+                       'sigmoid loss.')
+    return self.logit_bias[...]
 
   def encode_image(self, images: jax.Array) -> jax.Array:
     """L2-normalised image embeddings `[b, embed_dim]` from normalised images `[b, h, w, 3]`."""

@@ -6,9 +6,69 @@ sharding rules map to mesh axes. Kernels are stored as `[in_features, out_featur
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from clamp_jax.parallel import gather_for_use
+
+# Rematerialisation policies by config name: which intermediates of a block the backward pass
+# keeps; everything else it recomputes.
+REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,  # Keep only the block inputs.
+    'dots': jax.checkpoint_policies.dots_saveable,  # Keep matmul outputs.
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_CHOICES = ('none', *REMAT_POLICIES)
+
+
+def maybe_remat(function: Callable, remat: str) -> Callable:
+  """Wrap `function(module, *arrays)` in `nnx.remat` with the named policy; 'none' returns it."""
+  if remat == 'none':
+    return function
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'remat={remat!r} is not one of {REMAT_CHOICES}.')
+  return nnx.remat(function, policy=REMAT_POLICIES[remat], prevent_cse=True)
+
+
+def run_layers(layers, call: Callable, x: jax.Array, *, remat: str = 'none',
+               scan: bool = False) -> jax.Array:
+  """Apply `x = call(layer, x)` for each of `layers` in order.
+
+  With `scan=True` the layers run as one `jax.lax.scan` over their stacked states, so the compiled
+  program holds one layer body whatever the depth (compile time stays flat). Stacking copies the
+  layer weights once per call. `remat` names the policy of `REMAT_POLICIES` for each layer.
+  """
+  if not scan:
+    step = maybe_remat(call, remat)
+    for layer in layers:
+      x = step(layer, x)
+    return x
+  graphdef, first = nnx.split(layers[0])
+  structure = jax.tree.structure(first)
+  states = []
+  for index, layer in enumerate(layers):
+    state = nnx.state(layer)
+    if jax.tree.structure(state) != structure:
+      raise ValueError(f'scan_layers needs identical layers, but layer {index} differs from '
+                       'layer 0 (for example LoRA on some layers only).')
+    states.append(state)
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+  def body(x, state):
+    layer = nnx.merge(graphdef, state)
+    return call(layer, x), nnx.state(layer, nnx.RngState)
+
+  if remat != 'none':
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f'remat={remat!r} is not one of {REMAT_CHOICES}.')
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  x, rng_states = jax.lax.scan(body, x, stacked)
+  for index, layer in enumerate(layers):
+    nnx.update(layer, jax.tree.map(lambda a, i=index: a[i], rng_states))
+  return x
 
 
 def normal_init(stddev: float):
@@ -37,6 +97,7 @@ class Linear(nnx.Module):
     self.in_features = in_features
     self.out_features = out_features
     self.dtype = dtype
+    self.axes = axes
     self.kernel = nnx.Param(
         normal_init(stddev)(rngs.params(), (in_features, out_features), param_dtype),
         logical_axes=axes,
@@ -54,7 +115,7 @@ class Linear(nnx.Module):
       raise ValueError('adapters=False was requested, but this LoRA adapter is merged into its '
                        'kernel. Call clamp_jax.models.lora.unmerge(model) first.')
     x = x.astype(self.dtype)
-    y = x @ self.kernel[...].astype(self.dtype)
+    y = x @ gather_for_use(self.kernel[...].astype(self.dtype), self.axes)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if adapters and self.lora is not None and not self.lora.merged:
@@ -105,7 +166,9 @@ class Embedding(nnx.Module):
     )
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+    table = gather_for_use(self.embedding[...], ('vocab', 'embed'))
+    return jnp.take(table, ids, axis=0).astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return x.astype(self.dtype) @ self.embedding[...].astype(self.dtype).T
+    table = gather_for_use(self.embedding[...].astype(self.dtype), ('vocab', 'embed'))
+    return x.astype(self.dtype) @ table.T

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clamp_jax.models.layers import Embedding, Linear, RMSNorm
+from clamp_jax.models.layers import Embedding, Linear, RMSNorm, run_layers
+from clamp_jax.parallel import constrain
 
 KVCache = list[dict[str, jax.Array]]
 
@@ -45,6 +46,11 @@ class LlamaConfig:
   pad_token_id: int | None = None
   dtype: str = 'float32'  # Compute dtype of matmuls and activations.
   param_dtype: str = 'float32'  # Storage dtype of the weights.
+  # Rematerialisation of each decoder layer in the backward pass: 'none', 'full', 'dots' or
+  # 'dots_no_batch' (see `clamp_jax.models.layers.REMAT_POLICIES`).
+  remat: str = 'none'
+  # Run the decoder layers as one `jax.lax.scan` (compile time flat in depth) when not decoding.
+  scan_layers: bool = False
 
   @property
   def resolved_head_dim(self) -> int:
@@ -254,7 +260,7 @@ class DecoderLayer(nnx.Module):
         adapters=adapters, cache=cache, cache_index=cache_index)
     x = x + attn_out
     x = x + self.mlp(self.post_attention_layernorm(x), adapters=adapters)
-    return x, cache
+    return constrain(x, ('batch', 'length', 'act_embed')), cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,13 +328,18 @@ class Llama(nnx.Module):
       cache_index: where the new keys and values are written in the cache.
     """
     inv_freq = rope_inverse_frequencies(self.config)
-    x = embeddings
-    new_cache = [] if cache is not None else None
+    x = constrain(embeddings, ('batch', 'length', 'act_embed'))
+    if cache is None:
+      x = run_layers(
+          self.layers,
+          lambda layer, x: layer(x, positions, mask, inv_freq, adapters=adapters)[0],
+          x, remat=self.config.remat, scan=self.config.scan_layers)
+      return self.norm(x), None
+    new_cache = []
     for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, positions, mask, inv_freq, adapters=adapters,
-                             cache=None if cache is None else cache[i], cache_index=cache_index)
-      if new_cache is not None:
-        new_cache.append(layer_cache)
+      x, layer_cache = layer(x, positions, mask, inv_freq, adapters=adapters, cache=cache[i],
+                             cache_index=cache_index)
+      new_cache.append(layer_cache)
     return self.norm(x), new_cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:

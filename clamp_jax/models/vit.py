@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clamp_jax.models.layers import LayerNorm, Linear, normal_init
+from clamp_jax.models.layers import LayerNorm, Linear, normal_init, run_layers
+from clamp_jax.parallel import constrain
 
 ACTIVATIONS = ('gelu', 'quick_gelu')
 
@@ -47,6 +48,8 @@ class ViTConfig:
   pool: str = 'token'
   dtype: str = 'float32'  # Compute dtype of matmuls and activations.
   param_dtype: str = 'float32'  # Storage dtype of the weights.
+  remat: str = 'none'  # Rematerialisation of each block: 'none', 'full', 'dots', 'dots_no_batch'.
+  scan_layers: bool = False  # Run the blocks as one `jax.lax.scan`.
 
   def __post_init__(self):
     for name in ('image_size', 'patch_size', 'width', 'layers', 'heads', 'embed_dim'):
@@ -110,14 +113,20 @@ class Attention(nnx.Module):
     self.v_proj = Linear(width, width, axes=('embed', 'heads'), **dims)
     self.out_proj = Linear(width, width, axes=('heads', 'embed'), **dims)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Attend over `x` `[b, tokens, embed]` and return `[b, tokens, embed]`."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Attend over `x` `[b, tokens, embed]` and return `[b, tokens, embed]`.
+
+    `mask` is a boolean array that broadcasts to `[b, heads, t, s]`; True lets query t see key s.
+    Masked scores get the float32 minimum, so a row with every key masked stays finite.
+    """
     batch, length, _ = x.shape
     shape = (batch, length, self.heads, self.head_dim)
     q = self.q_proj(x).reshape(shape)
     k = self.k_proj(x).reshape(shape)
     v = self.v_proj(x).reshape(shape)
     scores = jnp.einsum('bthd,bshd->bhts', q, k).astype(jnp.float32)
+    if mask is not None:
+      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores / math.sqrt(self.head_dim), axis=-1).astype(self.dtype)
     out = jnp.einsum('bhts,bshd->bthd', weights, v)
     return self.out_proj(out.reshape(batch, length, self.heads * self.head_dim))
@@ -148,9 +157,9 @@ class EncoderBlock(nnx.Module):
     self.layer_norm2 = LayerNorm(config.width, **norm)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.self_attn(self.layer_norm1(x))
-    return x + self.mlp(self.layer_norm2(x))
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    x = x + self.self_attn(self.layer_norm1(x), mask)
+    return constrain(x + self.mlp(self.layer_norm2(x)), ('batch', 'length', 'act_embed'))
 
 
 class VisionTransformer(nnx.Module):
@@ -213,10 +222,9 @@ class VisionTransformer(nnx.Module):
                                    (batch, 1, self.config.width))
     x = jnp.concatenate([class_token, tokens], axis=1)
     x = x + self.position_embedding[...].astype(self.dtype)
-    x = self.ln_pre(x)
-    for layer in self.layers:
-      x = layer(x)
-    return x
+    x = constrain(self.ln_pre(x), ('batch', 'length', 'act_embed'))
+    return run_layers(self.layers, lambda layer, x: layer(x), x, remat=self.config.remat,
+                      scan=self.config.scan_layers)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """Projected class-token embeddings `[batch, embed_dim]` (float32, not normalised)."""

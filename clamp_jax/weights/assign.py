@@ -66,13 +66,14 @@ def fill_llama(
     model: Llama,
     tensors: Iterable[tuple[str, Callable[[], np.ndarray]]],
     source: str,
-    place: Callable[[tuple, np.ndarray], jax.Array] | None = None,
+    place: Callable[[nnx.Variable, np.ndarray], jax.Array] | None = None,
 ) -> None:
   """Assign each `(hf_name, read_fn)` tensor to `model`, which may be abstract (from `eval_shape`).
 
-  `read_fn` is called only when the tensor is needed, so a caller can stream from disk. `place`
-  turns the host array into a device array (for example with a target sharding); by default it is
-  `jnp.asarray` in the parameter's dtype. Raises `WeightLoadError` naming the tensor on a shape
+  `read_fn` is called only when the tensor is needed, so a caller can stream from disk.
+  `place(variable, array)` turns the host array (already in the parameter's dtype) into a device
+  array, for example split over a mesh as the variable's logical axes ask; by default it is
+  `jnp.asarray`. Host memory then holds about one tensor at a time, twice during a dtype cast. Raises `WeightLoadError` naming the tensor on a shape
   mismatch, and listing missing tensors at the end.
   """
   tied = model.config.tie_word_embeddings
@@ -98,9 +99,9 @@ def fill_llama(
       raise WeightLoadError(
           f'{source}: tensor {name!r} has shape {tuple(array.T.shape if transpose else array.shape)}'
           f', expected {want} from the model config.')
-    dtype = variable.dtype
-    value = place(path, array.astype(dtype)) if place else jnp.asarray(array, dtype=dtype)
-    variable.set_value(value)
+    array = array.astype(variable.dtype, copy=False)
+    variable.set_value(place(variable, array) if place else jnp.asarray(array))
+    del array
     seen.add(path)
   missing = sorted(expected - seen, key=str)
   if missing:

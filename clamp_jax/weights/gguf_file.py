@@ -141,10 +141,10 @@ def iter_gguf_tensors(reader, path: str, config: LlamaConfig) -> Iterator[tuple[
     yield hf_name, read
 
 
-def load_gguf(path: str, **config_overrides) -> Llama:
+def load_gguf(path: str, *, place=None, **config_overrides) -> Llama:
   """Build a `Llama` from a GGUF file, dequantizing one tensor at a time."""
   reader = open_gguf(path)
   config = gguf_config(reader, path, **config_overrides)
   model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-  fill_llama(model, iter_gguf_tensors(reader, path, config), source=path)
+  fill_llama(model, iter_gguf_tensors(reader, path, config), source=path, place=place)
   return model

@@ -64,10 +64,14 @@ def safetensors_files(folder: str) -> list[str]:
 
 
 def iter_safetensors(paths: list[str]) -> Iterator[tuple[str, callable]]:
-  """Yield `(name, read_fn)` for every tensor, opening one file at a time."""
+  """Yield `(name, read_fn)` for every tensor, opening one file at a time.
+
+  Tensors are read as numpy arrays; bfloat16 ones, which numpy's reader rejects, go through the
+  flax reader and come back as numpy arrays of `ml_dtypes.bfloat16`.
+  """
   for path in paths:
     try:
-      handle = safe_open(path, framework='flax')
+      handle = safe_open(path, framework='numpy')
       names = list(handle.keys())
     except (SafetensorError, OSError, ValueError) as e:
       raise WeightLoadError(f'{path}: not a readable safetensors file ({e}).') from e
@@ -78,18 +82,19 @@ def iter_safetensors(paths: list[str]) -> Iterator[tuple[str, callable]]:
 def _reader(handle, path: str, name: str):
   def read() -> np.ndarray:
     try:
-      # The flax framework handles bfloat16, which numpy's safetensors reader rejects.
-      return np.asarray(handle.get_tensor(name))
+      if handle.get_slice(name).get_dtype() == 'BF16':
+        return np.asarray(safe_open(path, framework='flax').get_tensor(name))
+      return handle.get_tensor(name)
     except (SafetensorError, OSError, ValueError) as e:
       raise WeightLoadError(f'{path}: tensor {name!r} could not be read ({e}).') from e
   return read
 
 
-def load_hf_folder(folder: str, **config_overrides) -> Llama:
+def load_hf_folder(folder: str, *, place=None, **config_overrides) -> Llama:
   """Build a `Llama` from a Hugging Face folder, reading tensors one by one."""
   hf = read_hf_config(folder)
   config = LlamaConfig.from_hf_dict(hf, **config_overrides)
   paths = safetensors_files(folder)
   model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-  fill_llama(model, iter_safetensors(paths), source=folder)
+  fill_llama(model, iter_safetensors(paths), source=folder, place=place)
   return model

@@ -75,13 +75,16 @@ def load_tokenizer(path: str):
     raise WeightLoadError(f'{path}: could not load the tokenizer ({e}).') from e
 
 
-def load_llm(path: str, *, tokenizer: bool = True, **config_overrides) -> tuple[Llama, object]:
+def load_llm(path: str, *, tokenizer: bool = True, place=None,
+             **config_overrides) -> tuple[Llama, object]:
   """Load a Llama-family model and its tokenizer.
 
   Args:
     path: a Hugging Face checkpoint folder, a `.gguf` file, 'smollm2' for the packaged SmolLM2, or
       a hub id already in the local cache.
     tokenizer: also load the tokenizer (about 4 s for the SmolLM2 GGUF file on 2 CPU cores).
+    place: optional `place(variable, host_array) -> jax.Array` that puts each tensor on devices
+      as it is read, for example into its shards (see `clamp_jax.parallel.sharded_placer`).
     **config_overrides: `LlamaConfig` fields to override, e.g. `param_dtype='bfloat16'`.
 
   Returns:
@@ -90,9 +93,9 @@ def load_llm(path: str, *, tokenizer: bool = True, **config_overrides) -> tuple[
   local = resolve_checkpoint(path)
   logging.info('Loading LLM weights from %s', local)
   if os.path.isdir(local):
-    llm = load_hf_folder(local, **config_overrides)
+    llm = load_hf_folder(local, place=place, **config_overrides)
   elif local.endswith('.gguf'):
-    llm = load_gguf(local, **config_overrides)
+    llm = load_gguf(local, place=place, **config_overrides)
   else:
     raise WeightLoadError(
         f'{local}: expected a Hugging Face checkpoint folder or a .gguf file.')
