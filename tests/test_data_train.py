@@ -41,28 +41,37 @@ def write_shards(root):
   return str(root / 'shards' / '{00000..00003}.tar')
 
 
-def test_tiny_trains_and_resumes_on_shards(tmp_path):
-  pattern = write_shards(tmp_path)
-  workdir = tmp_path / 'run'
-  common = ['--config=configs/tiny.py', f'--workdir={workdir}', '--config.train.steps=4',
+def train_records(workdir, pattern, *extra):
+  common = ['--config=configs/tiny.py', f'--workdir={workdir}', '--config.train.steps=6',
             '--config.eval.at_end=False', '--config.data.train.kind=webdataset',
             f'--config.data.train.pattern={pattern}', '--config.data.train.shuffle_buffer=4']
-  result = run_main(*common, '--config.train.stop_after_steps=2')
+  result = run_main(*common, *extra)
   assert result.returncode == 0, result.stderr[-3000:]
-  result = run_main(*common)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'Resuming from step 2' in result.stderr
+  return result
 
-  records = [record for record in read_metrics(str(workdir)) if 'train/loss' in record]
-  assert [record['step'] for record in records] == [1, 2, 3, 4]
+
+def test_tiny_resumes_on_shards_like_straight_run(tmp_path):
+  """6 steps straight versus 3 steps, stop, 3 more: the same losses and skip counts."""
+  pattern = write_shards(tmp_path)
+  train_records(tmp_path / 'straight', pattern)
+  train_records(tmp_path / 'split', pattern, '--config.train.stop_after_steps=3')
+  resumed = train_records(tmp_path / 'split', pattern)
+  assert 'Resuming from step 3' in resumed.stderr
+
+  straight = [r for r in read_metrics(str(tmp_path / 'straight')) if 'train/loss' in r]
+  split = [r for r in read_metrics(str(tmp_path / 'split')) if 'train/loss' in r]
+  assert [r['step'] for r in straight] == [1, 2, 3, 4, 5, 6]
+  assert [r['step'] for r in split] == [1, 2, 3, 4, 5, 6]
   previous = dict.fromkeys(SKIP_REASONS, 0)
-  for record in records:
-    assert np.isfinite(record['train/loss'])
-    counts = {reason: record[f'data/skipped/{reason}'] for reason in SKIP_REASONS}
+  for left, right in zip(straight, split):
+    assert np.isfinite(left['train/loss'])
+    assert abs(left['train/loss'] - right['train/loss']) < 1e-6, left['step']
+    counts = {reason: left[f'data/skipped/{reason}'] for reason in SKIP_REASONS}
+    assert counts == {reason: right[f'data/skipped/{reason}'] for reason in SKIP_REASONS}
     for reason in SKIP_REASONS:
-      assert counts[reason] >= previous[reason], (record['step'], reason)
+      assert counts[reason] >= previous[reason], (left['step'], reason)
     previous = counts
-  # 32 samples of 24 good ones per epoch: the bad shard has been read at least once.
+  # 48 samples read of 24 good ones per epoch: the bad shard has been read at least once.
   assert previous['corrupt_image'] >= 1
   assert previous['missing_image'] >= 1
 
