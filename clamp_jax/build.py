@@ -8,14 +8,19 @@ import re
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
+from clamp_jax.data.pipeline import CLIP_MEAN, CLIP_STD
 from clamp_jax.models.clamp import CLAMP
 from clamp_jax.models.llama import Llama, LlamaConfig
 from clamp_jax.models.lora import LoRAConfig, apply_lora
 from clamp_jax.models.text_tower import TextTower
 from clamp_jax.models.vit import VisionTransformer, ViTConfig
-from clamp_jax.weights import load_llm, load_tokenizer, resolve_checkpoint
+from clamp_jax.weights import (WeightLoadError, image_preprocessing, load_image_tower, load_llm,
+                               load_tokenizer, resolve_checkpoint)
+from clamp_jax.weights.clip import checkpoint_architecture
+from clamp_jax.weights.clip_config import architecture_differences
 
 
 def path_string(path) -> str:
@@ -61,12 +66,59 @@ def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
                    scan_layers=config.model.scan_layers)
 
 
+def check_image_tower_checkpoint(config: ml_collections.ConfigDict) -> None:
+  """Check `model.vit.checkpoint` against the config before anything loads.
+
+  A Hugging Face folder's config.json must describe the architecture that `model.vit` and
+  `model.embed_dim` give, because the data pipeline and plan mode read these fields. An open_clip
+  file has no config; its tensor shapes are checked while it loads.
+  """
+  checkpoint = config.model.vit.checkpoint
+  requested = vit_config(config)
+  found = checkpoint_architecture(checkpoint)
+  if found is not None:
+    differences = architecture_differences(requested, found)
+    if differences:
+      listed = ', '.join(_config_difference(*difference) for difference in differences)
+      raise WeightLoadError(f'{checkpoint}: the config does not match the checkpoint: {listed}.')
+  preprocessing = image_preprocessing(checkpoint)
+  if (not np.allclose(preprocessing.mean, CLIP_MEAN, atol=1e-6)
+      or not np.allclose(preprocessing.std, CLIP_STD, atol=1e-6)):
+    logging.warning('%s expects pixel mean %s and std %s, but the data pipeline normalises with '
+                    "OpenAI CLIP's %s and %s.", checkpoint, preprocessing.mean, preprocessing.std,
+                    tuple(CLIP_MEAN.tolist()), tuple(CLIP_STD.tolist()))
+
+
+def _config_difference(field: str, ours, theirs) -> str:
+  if field == 'mlp_dim':
+    return f'config.model.vit.mlp_ratio gives an MLP of {ours} (checkpoint: {theirs})'
+  name = 'config.model.embed_dim' if field == 'embed_dim' else f'config.model.vit.{field}'
+  return f'{name}={ours!r} (checkpoint: {theirs!r})'
+
+
+def build_image_tower(config: ml_collections.ConfigDict, rngs: nnx.Rngs, place=None,
+                      load_weights: bool = True) -> VisionTransformer:
+  """Build the image tower: load it from `model.vit.checkpoint`, or initialise it from `rngs`
+  when that is empty or `load_weights` is False."""
+  checkpoint = config.model.vit.checkpoint
+  if not checkpoint or not load_weights:
+    return VisionTransformer(vit_config(config), rngs=rngs)
+  logging.info('Loading the image tower from %s.', checkpoint)
+  return load_image_tower(checkpoint, vit_config(config), place=place)
+
+
 def build_model(config: ml_collections.ConfigDict, llm: Llama | None = None,
-                tokenizer=None, place=None) -> tuple[CLAMP, object]:
+                tokenizer=None, place=None,
+                image_tower_weights: bool = True) -> tuple[CLAMP, object]:
   """CLAMP with a loaded (or random) LLM, LoRA attached, a fresh tower head and a ViT.
 
-  `place` is handed to the weight loader (see `build_llm`).
+  `place` is handed to the weight loaders (see `build_llm`). The image tower loads from
+  `model.vit.checkpoint` when it is set, unless `image_tower_weights` is False (plan mode needs
+  shapes only).
   """
+  load_tower = bool(config.model.vit.checkpoint) and image_tower_weights
+  if load_tower:
+    check_image_tower_checkpoint(config)  # Fails before the LLM loads.
   if llm is None:
     llm, tokenizer = build_llm(config, place=place)
   rngs = nnx.Rngs(params=config.seed + 1, dropout=config.seed + 2)
@@ -82,7 +134,7 @@ def build_model(config: ml_collections.ConfigDict, llm: Llama | None = None,
   text_tower = TextTower(llm, embed_dim=config.model.embed_dim, num_prompts=num_prompts,
                          pooler_heads=config.model.pooler_heads, prompt_init_ids=init_ids,
                          rngs=rngs)
-  image_tower = VisionTransformer(vit_config(config), rngs=rngs)
+  image_tower = build_image_tower(config, rngs, place=place, load_weights=load_tower)
   sigmoid = config.train.loss == 'sigmoid'
   model = CLAMP(image_tower, text_tower, init_logit_scale=config.model.init_logit_scale,
                 max_logit_scale=config.model.max_logit_scale,

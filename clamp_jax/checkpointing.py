@@ -4,11 +4,17 @@ A checkpoint holds only what training changes: the trainable parameters, the opt
 dropout RNG counters, the text tower's calibrated feature statistics and the data iterator state.
 The frozen LLM comes from its own checkpoint file on restore, so a SmolLM2 run saves a few MB per
 step instead of the whole model.
+
+Saves are asynchronous and atomic: Orbax writes each step into a temporary folder and renames it
+to the step number once every file is on disk. A process killed during a save leaves only the
+temporary folder, which `latest_step` ignores and the next start deletes. The manager keeps the
+last `keep` checkpoints plus the `keep_best` best ones by a metric recorded with each save.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import jax
@@ -20,6 +26,7 @@ from clamp_jax.models.text_tower import FeatureStat
 
 STATE_ITEM = 'state'
 DATA_ITEM = 'data'
+BEST_MODES = ('min', 'max')
 
 
 def flatten_state(state: nnx.State) -> dict[str, jax.Array]:
@@ -45,17 +52,51 @@ def unflatten_into(state: nnx.State, flat: dict[str, jax.Array]) -> None:
 class Checkpointer:
   """Saves and restores `{trainable, optimizer, rng_counts, feature_stats}` and the data state."""
 
-  def __init__(self, directory: str, *, keep: int):
+  def __init__(self, directory: str, *, keep: int, keep_best: int = 0, best_metric: str = '',
+               best_mode: str = 'max'):
+    """Keep the last `keep` checkpoints and, with `keep_best > 0`, the `keep_best` checkpoints
+    with the best `best_metric` ('min' or 'max' by `best_mode`) among the metrics saved with them.
+
+    A checkpoint whose metrics lack `best_metric` ranks below every checkpoint that has it.
+    """
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    if keep < 1:
+      raise ValueError(f'keep={keep} must be at least 1, so that training can resume.')
+    if best_mode not in BEST_MODES:
+      raise ValueError(f'best_mode={best_mode!r} is not one of {BEST_MODES}.')
+    if keep_best > 0 and not best_metric:
+      raise ValueError(f'keep_best={keep_best} needs a best_metric to rank checkpoints by.')
+    policy = ocp.checkpoint_managers
+    policies = [policy.LatestN(n=keep)]
+    best_fn = None
+    if keep_best > 0:
+      best_fn = metric_getter(best_metric, best_mode)
+      policies.append(policy.BestN(get_metric_fn=best_fn, reverse=best_mode == 'min',
+                                   n=keep_best, keep_checkpoints_without_metrics=False))
+    # `best_fn` also makes Orbax write each save's metrics next to its items.
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy.AnyPreservationPolicy(policies), best_fn=best_fn,
+        best_mode=best_mode, create=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=(STATE_ITEM, DATA_ITEM))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, *, model, optimizer, trainable, data_state: dict) -> None:
-    """Start an asynchronous save of step `step`; `wait()` blocks until it is on disk."""
+  def all_steps(self) -> list[int]:
+    """Steps of the checkpoints on disk, in increasing order."""
+    return sorted(self.manager.all_steps())
+
+  def metrics(self, step: int) -> dict | None:
+    """Return the metrics saved with step `step`, or None when none were saved (`keep_best=0`)."""
+    return self.manager.metrics(step)
+
+  def save(self, step: int, *, model, optimizer, trainable, data_state: dict,
+           metrics: dict[str, float] | None = None) -> None:
+    """Start an asynchronous save of step `step`; `wait()` blocks until it is on disk.
+
+    `metrics` (name to number) rank the checkpoint for `keep_best`.
+    """
     tree = {
         'trainable': flatten_state(nnx.state(model, trainable)),
         'optimizer': flatten_state(nnx.state(optimizer)),
@@ -66,18 +107,22 @@ class Checkpointer:
         step,
         args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(tree),
                                    DATA_ITEM: ocp.args.JsonSave(_jsonable(data_state))}),
-        force=True)
+        metrics=_jsonable(metrics) if metrics else None, force=True)
     logging.info('Saving checkpoint for step %d to %s', step, self.directory)
 
   def restore(self, step: int, *, model, optimizer, trainable) -> dict:
-    """Restore step `step` into `model` and `optimizer` in place; returns the data state."""
+    """Restore step `step` into `model` and `optimizer` in place; returns the data state.
+
+    Each array is read straight into the sharding of the variable it replaces, so a checkpoint
+    saved on one mesh restores onto the mesh that `model` and `optimizer` are placed on now.
+    """
     target = {
         'trainable': flatten_state(nnx.state(model, trainable)),
         'optimizer': flatten_state(nnx.state(optimizer)),
         'rng_counts': flatten_state(nnx.state(model, nnx.RngCount)),
         'feature_stats': flatten_state(nnx.state(model, FeatureStat)),
     }
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    abstract = jax.tree.map(target_struct, target)
     restored = self.manager.restore(
         step,
         args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract),
@@ -101,6 +146,24 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def target_struct(array: jax.Array) -> jax.ShapeDtypeStruct:
+  """Shape, dtype and sharding that Orbax restores `array`'s replacement into."""
+  return jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=array.sharding)
+
+
+def metric_getter(name: str, mode: str):
+  """Return `get(metrics) -> float` for ranking; a missing or non-finite value ranks worst."""
+  worst = -math.inf if mode == 'max' else math.inf
+
+  def get(metrics) -> float:
+    value = (metrics or {}).get(name)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+      return worst
+    return float(value)
+
+  return get
 
 
 def _jsonable(value):

@@ -17,7 +17,10 @@ TRAINABLE = (
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.mode = 'train'  # One of: train, eval, plan.
+  # One of: train (train, then evaluate), eval (evaluate the latest checkpoint), plan (compile for
+  # a target mesh and report memory), export (write the latest checkpoint as HF, PEFT and Orbax
+  # files under WORKDIR/export) or generate (decode config.generate.prompts with the LLM).
+  config.mode = 'train'
   config.seed = 0  # Seed for parameter init, dropout and data order.
 
   model = config.model = ml_collections.ConfigDict()
@@ -49,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
   model.init_logit_scale = 1 / 0.07  # Initial contrastive logit scale (exp of the learned log).
   model.max_logit_scale = 100.0  # The logit scale is clipped at this value.
   model.init_logit_bias = -10.0  # Initial logit bias of the sigmoid loss (unused by softmax).
+  # Frozen CLIP teacher for distillation: a Hugging Face CLIPModel folder (or cached hub id);
+  # empty: no distillation. Needs one caption per image (data.caption_table=False on digits).
+  model.teacher = ''
   lora = model.lora = ml_collections.ConfigDict()
   lora.rank = 16  # LoRA rank r.
   lora.alpha = 16.0  # LoRA alpha; the update is scaled by alpha / rank.
@@ -66,6 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
   vit.pool = 'token'  # 'token' (class token, as CLIP) or 'gap' (mean of the patch tokens).
   vit.dtype = 'float32'  # Compute dtype of the image tower: float32 or bfloat16.
   vit.param_dtype = 'float32'  # Storage dtype of the image tower's weights.
+  # Pretrained image tower: a Hugging Face CLIP folder (config.json + *.safetensors), a hub id in
+  # the local hub cache, or an open_clip ViT .safetensors file. Empty: random init. A folder's
+  # config.json must match the fields above and model.embed_dim (checked before loading); an
+  # open_clip file records no config, so the fields above describe it.
+  vit.checkpoint = ''
   # LiT: keep the image tower frozen. False adds '^image_tower/' to the trainable patterns.
   model.lock_image_tower = True
 
@@ -120,10 +131,20 @@ def base_config() -> ml_collections.ConfigDict:
   # Split each batch into this many micro-batches with the gradient-cache method: the loss and
   # its gradients stay those of the whole batch, activation memory is one micro-batch's.
   train.microbatches = 1
+  # Weight of the distillation loss (soft cross-entropy against the teacher's similarities,
+  # both directions, scaled by 100) added to the contrastive loss when model.teacher is set.
+  train.distill_weight = 1.0
   train.trainable = TRAINABLE  # Regexes over parameter paths that get gradients and Adam state.
   train.log_every = 10  # Steps between metric writes.
   train.checkpoint_every = 200  # Steps between Orbax checkpoints (one is also saved at the end).
-  train.keep_checkpoints = 3  # Checkpoints kept on disk.
+  train.keep_checkpoints = 3  # The most recent checkpoints kept on disk.
+  # Also keep this many checkpoints with the best `best_metric` (0: only the most recent ones).
+  train.keep_best_checkpoints = 0
+  # Metric that ranks checkpoints: a name in metrics.jsonl recorded at the checkpoint's step,
+  # such as 'train/loss' or 'eval/digits/top1' (evaluation at that step needs
+  # eval.every_steps to divide the step).
+  train.best_metric = 'train/loss'
+  train.best_mode = 'min'  # 'min' or 'max': which end of best_metric is best.
 
   data = config.data = ml_collections.ConfigDict()
   data.test_fraction = 0.2  # Share of the digits held out for zero-shot evaluation.
@@ -181,6 +202,28 @@ def base_config() -> ml_collections.ConfigDict:
   source.max_skip_fraction = 0.1
   source.skip_check_min_samples = 1000
 
+  export = config.export = ml_collections.ConfigDict()
+  # Export mode writes WORKDIR/export/{trained,merged,peft,head.safetensors}.
+  # Largest safetensors file of merged/ in bytes; bigger models are split over several files.
+  export.max_shard_bytes = 4 * 1024 ** 3
+  # dtype of the merged/ weights: 'float32', 'bfloat16', or '' for the LLM's storage dtype. The
+  # PEFT adapters are always float32.
+  export.dtype = ''
+  # base_model_name_or_path in peft/adapter_config.json: the Hugging Face id or folder of the
+  # base model. Empty: config.model.llm.
+  export.base_model_name_or_path = ''
+
+  generate = config.generate = ml_collections.ConfigDict()
+  # Generate mode decodes these prompts in one batch with the latest checkpoint's LLM.
+  generate.prompts = ('What is the capital of France?',)
+  generate.max_new_tokens = 32  # Tokens decoded after each prompt.
+  generate.temperature = 0.0  # Softmax temperature; 0 decodes greedily.
+  generate.top_p = 1.0  # Nucleus sampling: sample from the smallest set with this much mass.
+  # Decode with the trained LoRA adapters; False gives the base LLM's output exactly.
+  generate.adapters = True
+  # Wrap each prompt in the tokenizer's chat template (as a user turn) when it has one.
+  generate.chat_template = True
+
   plan = config.plan = ml_collections.ConfigDict()
   # Plan mode compiles the train step for this many simulated devices (0: the real devices).
   plan.devices = 0
@@ -193,7 +236,26 @@ def base_config() -> ml_collections.ConfigDict:
 
   evaluation = config.eval = ml_collections.ConfigDict()
   evaluation.templates = ('a photo of the handwritten digit {}.', 'a handwritten {}.',
-                          'the number {}.')  # Zero-shot prompt templates, averaged per class.
+                          'the number {}.')  # Digits prompt templates, averaged per class.
+  # Benchmarks for eval mode and the end of training: registry names (clamp_jax/evaluation/
+  # benchmarks.py), 'all', 'elevater' or 'imagenet_variants', folder names under data_dir, or
+  # folder paths. 'digits' is the held-out scikit-learn digits.
+  evaluation.datasets = ('digits',)
+  # Folder with one subfolder per benchmark (data_dir/<name>/); empty: TFDS and digits only.
+  evaluation.data_dir = ''
+  # Where benchmarks are read: 'auto' (the folder when it exists, else TFDS), 'folder' or 'tfds'.
+  evaluation.source = 'auto'
+  evaluation.tfds_data_dir = ''  # Folder of prepared TFDS datasets; empty: TFDS's default.
   evaluation.batch_size = 64  # Images per evaluation batch.
+  evaluation.text_batch_size = 64  # Prompts or captions per text-tower batch.
+  evaluation.read_threads = 8  # Threads that read and decode evaluation images.
+  # Class-embedding cache, per checkpoint step and dataset; relative paths are under the
+  # workdir. Empty: no cache.
+  evaluation.cache_dir = 'eval_cache'
   evaluation.at_end = True  # Run zero-shot evaluation after training.
+  evaluation.every_steps = 0  # Steps between evaluations during training; 0: none.
+  # Benchmarks of the evaluation during training; empty: the same as datasets.
+  evaluation.periodic_datasets = ()
+  # Images per benchmark in the evaluation during training, a fixed random subset; 0: all.
+  evaluation.periodic_max_images = 0
   return config

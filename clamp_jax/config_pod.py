@@ -7,6 +7,10 @@ from clamp_jax.config_base import base_config
 # OpenAI CLIP ViT-L/14: width 1024, 24 blocks, 16 heads, QuickGELU.
 VIT_L14 = dict(patch_size=14, width=1024, layers=24, heads=16, mlp_ratio=4.0, act='quick_gelu',
                pool='token')
+# Local folders of openai/clip-vit-large-patch14 and openai/clip-vit-large-patch14-336, by image
+# size.
+VIT_L14_FOLDERS = {224: '~/models/clip-vit-large-patch14',
+                   336: '~/models/clip-vit-large-patch14-336'}
 
 
 def pod_config(llm_path: str, architecture: dict, image_size: int) -> ml_collections.ConfigDict:
@@ -27,9 +31,10 @@ def pod_config(llm_path: str, architecture: dict, image_size: int) -> ml_collect
   vit.image_size = image_size
   vit.dtype = 'bfloat16'
   vit.param_dtype = 'bfloat16'
+  # OpenAI CLIP ViT-L/14 as a Hugging Face folder (see README, Pretrained image towers); plan mode
+  # does not read it.
+  vit.checkpoint = VIT_L14_FOLDERS[image_size]
   model.lock_image_tower = True
-  # NOTE: the image tower starts from random weights until a pretrained CLIP ViT loader exists;
-  # plan mode and the sharded step do not depend on its values.
 
   config.mesh.data = 1
   config.mesh.fsdp = -1  # Parameters, optimizer state and batch split over every device.

@@ -11,6 +11,7 @@ import uuid
 import ml_collections
 
 from clamp_jax.data.source_config import validate_train_source
+from clamp_jax.evaluation.benchmarks import check_data, expand_names
 from clamp_jax.modes import MODES
 
 DTYPES = ('float32', 'bfloat16')
@@ -42,7 +43,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                'train.checkpoint_every', 'train.keep_checkpoints', 'model.embed_dim',
                'model.num_prompts', 'model.pooler_heads', 'model.lora.rank',
                'model.vit.image_size', 'model.vit.patch_size', 'model.vit.width',
-               'model.vit.layers', 'model.vit.heads', 'data.max_length', 'eval.batch_size'):
+               'model.vit.layers', 'model.vit.heads', 'data.max_length', 'eval.batch_size',
+               'eval.text_batch_size', 'eval.read_threads'):
     _positive(config, name)
 
   train = config.train
@@ -55,6 +57,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(train.grad_clip_norm >= 0,
            f'config.train.grad_clip_norm={train.grad_clip_norm} must be >= 0 (0 disables it).')
   _require(len(train.trainable) > 0, 'config.train.trainable is empty: nothing would train.')
+  _require(isinstance(train.keep_best_checkpoints, int) and train.keep_best_checkpoints >= 0,
+           f'config.train.keep_best_checkpoints={train.keep_best_checkpoints!r} must be an '
+           'integer >= 0 (0: keep only the most recent checkpoints).')
+  _require(train.best_mode in ('min', 'max'),
+           f"config.train.best_mode={train.best_mode!r} must be 'min' or 'max'.")
+  if train.keep_best_checkpoints > 0:
+    _require(bool(train.best_metric),
+             'config.train.best_metric is empty; name the metric that ranks checkpoints, e.g. '
+             "'train/loss'.")
+  _validate_export_and_generate(config)
 
   _require(train.loss in ('softmax', 'sigmoid'),
            f"config.train.loss={train.loss!r} must be 'softmax' or 'sigmoid'.")
@@ -67,6 +79,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(not config.data.caption_table,
              'config.train.loss=sigmoid needs one caption per image; set '
              'config.data.caption_table=False.')
+  if config.model.teacher and config.data.train.kind == 'digits':
+    _require(not config.data.caption_table,
+             f'config.model.teacher={config.model.teacher!r} needs one caption per image; set '
+             'config.data.caption_table=False.')
+  _require(train.distill_weight >= 0,
+           f'config.train.distill_weight={train.distill_weight} must be >= 0.')
   _require(config.model.remat in REMAT_CHOICES,
            f'config.model.remat={config.model.remat!r} is not one of {REMAT_CHOICES}.')
   _require(config.distributed.initialize in ('auto', 'yes', 'no'),
@@ -117,8 +135,47 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for template in templates:
       _require('{}' in template,
                f'config.{field} entry {template!r} has no {{}} field for the class name.')
+  evaluation = config.eval
+  _require(len(evaluation.datasets) > 0,
+           "config.eval.datasets is empty; name at least one benchmark, e.g. ('digits',).")
+  _require(evaluation.source in ('auto', 'folder', 'tfds'),
+           f"config.eval.source={evaluation.source!r} must be 'auto', 'folder' or 'tfds'.")
+  for name in ('every_steps', 'periodic_max_images'):
+    _require(isinstance(evaluation[name], int) and evaluation[name] >= 0,
+             f'config.eval.{name}={evaluation[name]!r} must be an integer >= 0 (0: off).')
+  # Missing evaluation data fails here, before a long training run or a large model load.
+  evaluates = config.mode == 'eval' or (
+      config.mode == 'train' and (evaluation.at_end or evaluation.every_steps > 0))
+  if evaluates:
+    names = expand_names(tuple(evaluation.datasets) + tuple(evaluation.periodic_datasets))
+    try:
+      check_data(names, evaluation.data_dir, evaluation.source)
+    except FileNotFoundError as error:
+      raise ConfigError(str(error)) from None
   _require(0 < config.data.test_fraction < 1,
            f'config.data.test_fraction={config.data.test_fraction} must be in (0, 1).')
+
+
+def _validate_export_and_generate(config: ml_collections.ConfigDict) -> None:
+  export = config.export
+  _require(isinstance(export.max_shard_bytes, int) and export.max_shard_bytes > 0,
+           f'config.export.max_shard_bytes={export.max_shard_bytes!r} must be a positive '
+           'integer.')
+  _require(export.dtype in ('', *DTYPES),
+           f"config.export.dtype={export.dtype!r} must be '' (the LLM's dtype) or one of "
+           f'{DTYPES}.')
+  generate = config.generate
+  _require(isinstance(generate.max_new_tokens, int) and generate.max_new_tokens >= 1,
+           f'config.generate.max_new_tokens={generate.max_new_tokens!r} must be an integer '
+           '>= 1.')
+  _require(generate.temperature >= 0,
+           f'config.generate.temperature={generate.temperature} must be >= 0 (0: greedy).')
+  _require(0 < generate.top_p <= 1,
+           f'config.generate.top_p={generate.top_p} must be in (0, 1].')
+  if config.mode == 'generate':
+    _require(len(generate.prompts) > 0 and all(isinstance(p, str) for p in generate.prompts),
+             f'config.generate.prompts={generate.prompts!r} must be a non-empty tuple of '
+             'strings.')
 
 
 def validate_workdir(workdir: str) -> None:

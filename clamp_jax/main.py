@@ -5,8 +5,10 @@
 
 `--config` names an ml_collections config file; `--config.a.b=value` overrides any of its fields.
 `config.mode` picks the job: 'train' trains (resuming from WORKDIR/checkpoints) and evaluates;
-'eval' restores the latest checkpoint and evaluates; 'plan' compiles the train step for
-`config.plan.devices` simulated devices and reports per-device memory and whether it fits:
+'eval' restores the latest checkpoint and evaluates; 'export' writes the latest checkpoint to
+WORKDIR/export as Hugging Face, PEFT and Orbax files; 'generate' decodes `config.generate.prompts`
+with the LLM of the latest checkpoint; 'plan' compiles the train step for `config.plan.devices`
+simulated devices and reports per-device memory and whether it fits:
 
     python -m clamp_jax.main --config=configs/llama7b.py --workdir=/tmp/plan7b \
         --config.mode=plan --config.plan.devices=32 --config.plan.device_memory_gib=32

@@ -14,6 +14,8 @@ class MetricWriter:
     """`enabled=False` (every process but the first of a multi-process run) writes nothing."""
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.enabled = enabled
+    # The values written for the most recent step, on every process (see `values_at`).
+    self._recent_step, self._recent_values = None, {}
     self._file = open(self.path, 'a', encoding='utf-8') if enabled else None
     self._tb = None
     if tensorboard and enabled:
@@ -21,11 +23,14 @@ class MetricWriter:
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
-    if not self.enabled:
-      return
     # Counts stay integers in the JSON; everything else is a float.
     values = {name: value if isinstance(value, int) else float(value)
               for name, value in metrics.items()}
+    if step != self._recent_step:
+      self._recent_step, self._recent_values = step, {}
+    self._recent_values.update(values)
+    if not self.enabled:
+      return
     self._file.write(json.dumps({'step': int(step), **values}) + '\n')
     self._file.flush()
     if self._tb is not None:
@@ -33,6 +38,10 @@ class MetricWriter:
         if math.isfinite(value):
           self._tb.add_scalar(name, value, step)
       self._tb.flush()
+
+  def values_at(self, step: int) -> dict[str, float]:
+    """Return every value written for `step` if it is the most recent step written, else {}."""
+    return dict(self._recent_values) if step == self._recent_step else {}
 
   def close(self) -> None:
     if self._file is not None:

@@ -20,7 +20,17 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> None:
   run_plan(config, workdir)
 
 
-MODES = {'train': train, 'eval': evaluate, 'plan': plan}
+def export(config: ml_collections.ConfigDict, workdir: str) -> None:
+  from clamp_jax.export import run_export
+  run_export(config, workdir)
+
+
+def generate(config: ml_collections.ConfigDict, workdir: str) -> None:
+  from clamp_jax.generate_mode import run_generate
+  run_generate(config, workdir)
+
+
+MODES = {'train': train, 'eval': evaluate, 'plan': plan, 'export': export, 'generate': generate}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -71,7 +71,7 @@ def abstract_training_state(config: ml_collections.ConfigDict):
 
   def create():
     llm = Llama(llm_config, rngs=nnx.Rngs(config.seed))
-    model, _ = build.build_model(config, llm=llm, tokenizer=None)
+    model, _ = build.build_model(config, llm=llm, tokenizer=None, image_tower_weights=False)
     return model, make_optimizer(model, config.train, trainable)
 
   model, optimizer = nnx.eval_shape(create)

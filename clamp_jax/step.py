@@ -29,14 +29,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clamp_jax import parallel
+from clamp_jax.distillation import distillation_loss, sharded_distillation_loss
 from clamp_jax.losses import (equal_caption_mask, indexed_contrastive_loss,
                               sigmoid_contrastive_loss, softmax_contrastive_loss)
 from clamp_jax.sharded_losses import (sharded_sigmoid_contrastive_loss,
                                       sharded_softmax_contrastive_loss)
 
 LOSSES = ('softmax', 'sigmoid')
-# Batch entries that hold one row per distinct caption rather than one row per image.
-CAPTION_KEYS = ('input_ids', 'attention_mask')
+# Batch entries with one row per caption: per image, or per distinct caption in a caption table.
+CAPTION_KEYS = ('input_ids', 'attention_mask', 'teacher_input_ids', 'teacher_attention_mask')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ class StepOptions:
   # Gather embeddings with `jax.shard_map` when the batch is split over devices.
   sharded_loss: bool = True
   microbatches: int = 1  # Parts the batch is processed in (gradient cache); 1 disables it.
+  distill_weight: float = 1.0  # Weight of the distillation loss when the model has a teacher.
 
   def __post_init__(self):
     if self.loss not in LOSSES:
@@ -61,7 +63,38 @@ def contrastive_loss(model, images: jax.Array, texts: jax.Array, batch: dict, op
 
   A batch with `caption_index` and fewer text rows than images carries a caption table: each image's
   positive is its own row. Otherwise row i of both is a pair, and equal captions count as positives.
+  With a teacher in the model, `options.distill_weight` times the distillation loss is added.
   """
+  loss, metrics = _pair_loss(model, images, texts, batch, options, mesh, rules)
+  if model.teacher is None:
+    return loss, metrics
+  distill, distill_metrics = _distillation(model, images, texts, batch, options, mesh, rules)
+  metrics = {**metrics, **distill_metrics, 'contrastive_loss': loss}
+  return loss + options.distill_weight * distill, metrics
+
+
+def _distillation(model, images, texts, batch, options, mesh, rules):
+  """Distillation loss against the model's frozen teacher on the same images and captions."""
+  if 'teacher_input_ids' not in batch:
+    raise ValueError('The model has a teacher, but the batch has no teacher_input_ids; build the '
+                     'caption tokenizer with the teacher tokenizer.')
+  if texts.shape[0] != images.shape[0]:
+    raise ValueError('Distillation needs one caption per image; set config.data.caption_table=False.')
+  teacher = model.teacher
+  pixels = batch['image']
+  size = teacher.image_tower.config.image_size
+  if pixels.shape[1:3] != (size, size):
+    pixels = jax.image.resize(pixels, (pixels.shape[0], size, size, pixels.shape[3]), 'bicubic')
+  teacher_images = teacher.encode_image(pixels)
+  teacher_texts = teacher.encode_text(batch['teacher_input_ids'], batch['teacher_attention_mask'])
+  if options.sharded_loss and parallel.batch_shards(mesh, rules) > 1:
+    axes = tuple(a for a in (parallel.rules_dict(rules).get('batch') or ()) if a in mesh.shape)
+    return sharded_distillation_loss(images, texts, teacher_images, teacher_texts, mesh, axes)
+  return distillation_loss(images, texts, teacher_images, teacher_texts)
+
+
+def _pair_loss(model, images: jax.Array, texts: jax.Array, batch: dict, options: StepOptions,
+               mesh: Mesh, rules) -> tuple[jax.Array, dict]:
   logit_scale = model.logit_scale()
   if 'caption_index' in batch and texts.shape[0] != images.shape[0]:
     if options.loss != 'softmax':

@@ -25,9 +25,10 @@ from clamp_jax import build, parallel
 from clamp_jax.checkpointing import Checkpointer
 from clamp_jax.data.captions import CaptionTokenizer
 from clamp_jax.data.train_data import make_train_dataset, uses_caption_table
-from clamp_jax.evaluation.zero_shot import run_zero_shot
+from clamp_jax.evaluation.suite import make_periodic_evaluator, metric_records, run_evaluation
 from clamp_jax import step as step_lib
 from clamp_jax.metrics import MetricWriter
+from clamp_jax.preemption import StopWatch
 from clamp_jax.step import CAPTION_KEYS, CompiledStep, StepOptions
 
 
@@ -72,7 +73,8 @@ def make_optimizer(model: nnx.Module, train_config: ml_collections.ConfigDict,
 
 def step_options(config: ml_collections.ConfigDict) -> StepOptions:
   return StepOptions(loss=config.train.loss, sharded_loss=config.train.sharded_loss,
-                     microbatches=config.train.microbatches)
+                     microbatches=config.train.microbatches,
+                     distill_weight=config.train.distill_weight)
 
 
 def make_train_step(model, optimizer, trainable, config: ml_collections.ConfigDict,
@@ -88,8 +90,12 @@ def make_train_step(model, optimizer, trainable, config: ml_collections.ConfigDi
 # ----------------------------------------------------------------------------------------------
 
 
-def make_caption_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> CaptionTokenizer:
-  return CaptionTokenizer(tokenizer, config.data.caption_wrapper, config.data.max_length)
+def make_caption_tokenizer(config: ml_collections.ConfigDict, tokenizer,
+                           teacher_tokenize=None) -> CaptionTokenizer:
+  """The LLM's caption tokenizer; `teacher_tokenize(captions) -> (ids, mask)` adds the teacher's
+  tokens of the raw captions for distillation."""
+  return CaptionTokenizer(tokenizer, config.data.caption_wrapper, config.data.max_length,
+                          teacher=teacher_tokenize)
 
 
 def make_train_data(config: ml_collections.ConfigDict, caption_tokenizer: CaptionTokenizer):
@@ -111,6 +117,8 @@ class TrainingSetup:
   trainable: object
   optimizer: nnx.Optimizer
   checkpointer: Checkpointer
+  # Tokenizes raw captions for the distillation teacher; None without a teacher.
+  teacher_tokenize: object = None
 
 
 def set_up(config: ml_collections.ConfigDict, workdir: str) -> TrainingSetup:
@@ -125,13 +133,34 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> TrainingSetup:
   model, tokenizer = build.build_model(
       config, place=parallel.sharded_placer(mesh, config.mesh.rules))
   place_model(model, mesh, config)
+  teacher_tokenize = None
+  if config.model.teacher:
+    teacher_tokenize = attach_teacher(model, config, mesh)
   trainable = build.trainable_filter(build.trainable_patterns(config))
   optimizer = make_optimizer(model, config.train, trainable)
   # Adam's moments follow their parameters' shardings; the step counters are replicated.
   parallel.shard_module(optimizer, mesh, config.mesh.rules)
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
-                              keep=config.train.keep_checkpoints)
-  return TrainingSetup(mesh, model, tokenizer, trainable, optimizer, checkpointer)
+                              keep=config.train.keep_checkpoints,
+                              keep_best=config.train.keep_best_checkpoints,
+                              best_metric=config.train.best_metric,
+                              best_mode=config.train.best_mode)
+  return TrainingSetup(mesh, model, tokenizer, trainable, optimizer, checkpointer,
+                       teacher_tokenize)
+
+
+def attach_teacher(model, config: ml_collections.ConfigDict, mesh):
+  """Load the frozen CLIP teacher of `config.model.teacher` into its shards and attach it to
+  `model`; return the function that tokenizes raw captions for it."""
+  from clamp_jax.weights.clip_teacher import load_clip_teacher, tokenize
+
+  logging.info('Loading the distillation teacher from %s.', config.model.teacher)
+  teacher, teacher_tokenizer = load_clip_teacher(
+      config.model.teacher, place=parallel.sharded_placer(mesh, config.mesh.rules),
+      dtype=config.model.vit.dtype, param_dtype=config.model.vit.param_dtype)
+  model.teacher = teacher
+  length = teacher.text_encoder.config.max_length
+  return lambda captions: tokenize(teacher_tokenizer, captions, length)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -145,8 +174,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
                              trainable=setup.trainable)
   setup.checkpointer.close()
   setup.model.eval()
-  return run_zero_shot(setup.model, make_caption_tokenizer(config, setup.tokenizer), config,
-                       workdir)
+  return run_evaluation(setup.model, make_caption_tokenizer(config, setup.tokenizer), config,
+                        workdir, step)
 
 
 def place_model(model, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict) -> None:
@@ -185,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('Trainable parameters: %s of %s.', f'{num_trainable:,}', f'{num_total:,}')
   if num_trainable == 0:
     raise ValueError(f'config.train.trainable={list(train_config.trainable)} matches no parameter.')
-  caption_tokenizer = make_caption_tokenizer(config, setup.tokenizer)
+  caption_tokenizer = make_caption_tokenizer(config, setup.tokenizer, setup.teacher_tokenize)
   dataset = make_train_data(config, caption_tokenizer)
   data_iter = iter(dataset)
 
@@ -207,13 +236,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batches = (split_data_counters(batch, mesh, config.mesh.rules, replicated)
              for batch in data_iter)
   make_step = lambda batch: make_train_step(model, optimizer, trainable, config, mesh, batch)
-  last_metrics = run_train_loop(model, optimizer, data_iter, batches, make_step, checkpointer,
-                                writer, train_config, start_step, trainable)
+  evaluate = make_periodic_evaluator(model, caption_tokenizer, config, workdir, writer)
+  stop_watch = StopWatch()
+  with stop_watch:
+    last_metrics = run_train_loop(model, optimizer, data_iter, batches, make_step, checkpointer,
+                                  writer, train_config, start_step, trainable, evaluate,
+                                  stop_watch)
   checkpointer.wait()
   close_iterator(data_iter)
 
   results = {'train': last_metrics}
-  finished = (checkpointer.latest_step() or 0) >= train_config.steps
+  # A stop request skips the evaluation at the end too; the rerun runs it.
+  finished = ((checkpointer.latest_step() or 0) >= train_config.steps
+              and stop_watch.stop_reason is None)
   if not finished:
     logging.info('Stopped at step %d of %d; rerun the same command to resume.',
                  checkpointer.latest_step() or 0, train_config.steps)
@@ -223,9 +258,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     'from one process.', jax.process_count())
   elif finished and config.eval.at_end:
     model.eval()
-    results['eval'] = run_zero_shot(model, caption_tokenizer, config, workdir)
-    writer.write(train_config.steps, {f'eval/digits/{k}': v for k, v in
-                                      results['eval']['digits'].items()})
+    results['eval'] = run_evaluation(model, caption_tokenizer, config, workdir,
+                                     train_config.steps)
+    writer.write(train_config.steps, metric_records(results['eval']))
   writer.close()
   checkpointer.close()
   return results
@@ -246,11 +281,15 @@ def split_data_counters(batch: dict, mesh, rules, replicated) -> tuple[dict, dic
 
 
 def run_train_loop(model, optimizer, data_iter, batches, make_step, checkpointer, writer,
-                   train_config, start_step, trainable) -> dict:
+                   train_config, start_step, trainable, evaluate=None,
+                   stop_watch: StopWatch | None = None) -> dict:
   """Step from `start_step` to `train_config.steps`, logging and checkpointing on schedule.
 
   `batches` yields `(device batch, input counters)` drawn from `data_iter`, whose state is saved
   with each checkpoint. `make_step(batch)` builds the jitted step on the first batch.
+  `evaluate(step)`, when given, runs after each step's logging and before its checkpoint, so the
+  checkpoint's metrics include what it wrote. When `stop_watch.check(step)` reports a stop
+  request, the loop logs and saves that step, waits for the save to finish and returns.
   """
   total = train_config.steps
   end = min(total, train_config.stop_after_steps or total)
@@ -268,8 +307,9 @@ def run_train_loop(model, optimizer, data_iter, batches, make_step, checkpointer
     metrics = train_step(model, optimizer, batch)
     window_steps += 1
     progress.update(1)
+    stop_reason = stop_watch.check(step) if stop_watch is not None else None
 
-    if step % train_config.log_every == 0 or step == end:
+    if step % train_config.log_every == 0 or step == end or stop_reason:
       metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
       metrics.update({name: int(value) for name, value in counters.items()})
       if not math.isfinite(metrics['train/loss']):
@@ -287,8 +327,23 @@ def run_train_loop(model, optimizer, data_iter, batches, make_step, checkpointer
       last = {'step': step, **metrics}
       window_start, window_steps = time.perf_counter(), 0
 
-    if step % train_config.checkpoint_every == 0 or step == end:
+    if evaluate is not None and not stop_reason:
+      evaluate(step)
+    if step % train_config.checkpoint_every == 0 or step == end or stop_reason:
       checkpointer.save(step, model=model, optimizer=optimizer, trainable=trainable,
-                        data_state=data_iter.get_state())
+                        data_state=data_iter.get_state(),
+                        metrics=checkpoint_metrics(metrics, writer, step))
+    if stop_reason:
+      checkpointer.wait()
+      logging.info('Stopped at step %d on %s; the checkpoint is saved in %s. Rerun the same '
+                   'command to resume.', step, stop_reason, checkpointer.directory)
+      break
   progress.close()
   return last
+
+
+def checkpoint_metrics(step_metrics: dict, writer: MetricWriter, step: int) -> dict[str, float]:
+  """Collect the step's training metrics plus what `writer` recorded for `step` (evaluation)."""
+  values = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
+  values.update(writer.values_at(step))
+  return values

@@ -9,7 +9,7 @@ instruction always reaches the model whole.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,7 +45,11 @@ class CaptionTokenizer:
   `add_dummy_prefix`) add one at each piece.
   """
 
-  def __init__(self, tokenizer: Any, wrapper: str, max_length: int):
+  def __init__(self, tokenizer: Any, wrapper: str, max_length: int, *,
+               teacher: Callable[[list[str]], tuple[np.ndarray, np.ndarray]] | None = None):
+    """`teacher(captions) -> (ids, mask)` also tokenizes the raw captions (no wrapper) for a
+    distillation teacher; they come out as `teacher_input_ids` and `teacher_attention_mask`."""
+    self.teacher = teacher
     if wrapper.count(CAPTION_FIELD) != 1:
       raise ValueError(
           f'Wrapper {wrapper!r} must contain exactly one {CAPTION_FIELD} field.')
@@ -107,4 +111,9 @@ class CaptionTokenizer:
       ids = self.prefix_ids + list(caption_ids[:self.max_caption_tokens]) + self.suffix_ids
       input_ids[row, :len(ids)] = ids
       attention_mask[row, :len(ids)] = 1
-    return {'input_ids': input_ids, 'attention_mask': attention_mask}
+    tokens = {'input_ids': input_ids, 'attention_mask': attention_mask}
+    if self.teacher is not None:
+      teacher_ids, teacher_mask = self.teacher(list(captions))
+      tokens['teacher_input_ids'] = np.asarray(teacher_ids, np.int32)
+      tokens['teacher_attention_mask'] = np.asarray(teacher_mask, np.int32)
+    return tokens

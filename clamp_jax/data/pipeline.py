@@ -47,8 +47,7 @@ def tokenize_class_captions(caption_tokenizer: CaptionTokenizer, templates: Sequ
     raise ValueError('At least one caption template is required.')
   captions = fill_templates(templates, class_names)
   flat = caption_tokenizer([caption for row in captions for caption in row])
-  shape = (len(class_names), len(templates), caption_tokenizer.max_length)
-  return {key: value.reshape(shape) for key, value in flat.items()}
+  return {key: value.reshape(len(class_names), len(templates), -1) for key, value in flat.items()}
 
 
 def choose_template(seed: int, epoch: int, example_id: int, num_templates: int) -> int:
@@ -77,8 +76,7 @@ class DigitExamples:
     template = choose_template(self.seed, epoch, example_id, self.num_templates)
     return {
         'image': preprocess_digit(self.images[example_id], self.image_size),
-        'input_ids': self.captions['input_ids'][label, template],
-        'attention_mask': self.captions['attention_mask'][label, template],
+        **{key: value[label, template] for key, value in self.captions.items()},
         'caption_index': np.int32(label * self.num_templates + template),
         'label': np.int32(label),
     }
@@ -92,12 +90,10 @@ class AttachCaptionTable:
   """
 
   def __init__(self, captions: dict[str, np.ndarray]):
-    classes, templates, length = captions['input_ids'].shape
-    self.input_ids = captions['input_ids'].reshape(classes * templates, length)
-    self.attention_mask = captions['attention_mask'].reshape(classes * templates, length)
+    self.tables = {key: value.reshape(-1, value.shape[-1]) for key, value in captions.items()}
 
   def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {**batch, 'input_ids': self.input_ids, 'attention_mask': self.attention_mask}
+    return {**batch, **self.tables}
 
 
 def make_digits_dataset(

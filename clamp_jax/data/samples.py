@@ -69,8 +69,7 @@ class SampleDecoder:
     if isinstance(image, Skipped):
       return image
     tokens = self.caption_tokenizer([caption])
-    return {'image': image, 'input_ids': tokens['input_ids'][0],
-            'attention_mask': tokens['attention_mask'][0]}
+    return {'image': image, **{key: value[0] for key, value in tokens.items()}}
 
   @staticmethod
   def _caption(caption: bytes | str | None) -> str | Skipped:

@@ -39,6 +39,8 @@ class CLAMP(nnx.Module):
     self.logit_bias = nnx.data(
         None if init_logit_bias is None else
         TemperatureParam(jnp.asarray(init_logit_bias, jnp.float32), logical_axes=()))
+    # A frozen CLIP teacher for distillation (`clamp_jax.models.clip_text.CLIPTeacher`), or None.
+    self.teacher = nnx.data(None)
 
   def logit_scale(self) -> jax.Array:
     return jnp.minimum(jnp.exp(self.log_logit_scale[...]), self.max_logit_scale)

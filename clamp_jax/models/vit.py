@@ -117,7 +117,8 @@ class Attention(nnx.Module):
     """Attend over `x` `[b, tokens, embed]` and return `[b, tokens, embed]`.
 
     `mask` is a boolean array that broadcasts to `[b, heads, t, s]`; True lets query t see key s.
-    Masked scores get the float32 minimum, so a row with every key masked stays finite.
+    A query whose keys are all masked gets a zero output, as PyTorch's
+    `scaled_dot_product_attention` (torch 2.13) returns.
     """
     batch, length, _ = x.shape
     shape = (batch, length, self.heads, self.head_dim)
@@ -127,7 +128,10 @@ class Attention(nnx.Module):
     scores = jnp.einsum('bthd,bshd->bhts', q, k).astype(jnp.float32)
     if mask is not None:
       scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores / math.sqrt(self.head_dim), axis=-1).astype(self.dtype)
+    weights = jax.nn.softmax(scores / math.sqrt(self.head_dim), axis=-1)
+    if mask is not None:
+      weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
+    weights = weights.astype(self.dtype)
     out = jnp.einsum('bhts,bshd->bthd', weights, v)
     return self.out_proj(out.reshape(batch, length, self.heads * self.head_dim))
 

@@ -1,0 +1,242 @@
+"""Compare our CLAMP training step with the PyTorch reference on this machine, or sweep our step.
+
+Each measurement runs in its own process, one after the other: first `bench/step.py` (JAX) at each
+of `--ours_dtypes`, then `bench/reference_torch.py` at each of `--reference_precisions`. Every
+child gets the same batch size, caption length, step counts and `--config.*` overrides, and the
+children's own tables stream through. The summary prints our samples/s, the reference's samples/s
+at float32 and at its fastest precision, and the lines
+
+    ratio_same_precision: X   (ours at float32 / reference at float32)
+    ratio_fastest: X          (our fastest / the reference's fastest)
+
+followed by one JSON line. `--sweep` times our step at several batch sizes and caption lengths
+instead (one process, one loaded model), and `--sweep_reference=PRECISION` adds the reference's
+sweep and per-point ratios.
+
+    python bench/compare.py --batch_size=64 --caption_length=32
+    python bench/compare.py --sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import common
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPOSITORY = os.path.dirname(BENCH)
+
+SUMMARY_COLUMNS = [
+    ('implementation', 'implementation', 's'),
+    ('precision', 'precision', 's'),
+    ('batch_size', 'batch', 'd'),
+    ('caption_length', 'caption tokens', 'd'),
+    ('samples_per_second', 'samples/s', '.2f'),
+    ('step_seconds_median', 'step s (median)', '.3f'),
+    ('tokens_per_second', 'tokens/s', '.0f'),
+    ('flops_per_step', 'FLOPs per step', '.3e'),
+    ('mfu', 'MFU', '.3f'),
+    ('peak_gflops', 'matmul peak GFLOP/s', '.1f'),
+    ('compile_seconds', 'compile s', '.1f'),
+    ('peak_rss_gib', 'peak RSS GiB', '.2f'),
+    ('process_seconds', 'process s', '.0f'),
+]
+
+
+def parse_args() -> tuple[argparse.Namespace, list[str]]:
+  parser = argparse.ArgumentParser(
+      description=__doc__.splitlines()[0],
+      epilog='Other arguments of the form --config.FIELD=VALUE (and --config=FILE) go to every '
+             'child unchanged.')
+  parser.add_argument('--batch_size', type=int, default=0,
+                      help='Image-caption pairs per step; 0: config.train.batch_size.')
+  parser.add_argument('--caption_length', type=int, default=0,
+                      help='Tokens per caption, padding included; 0: config.data.max_length.')
+  parser.add_argument('--steps', type=int, default=10, help='Timed steps per measurement.')
+  parser.add_argument('--warmup', type=int, default=2, help='Untimed steps before timing.')
+  parser.add_argument('--matmul_size', type=int, default=2048,
+                      help='Side of the square matrices of the matmul rate tests.')
+
+  parser.add_argument('--ours_dtypes', default='float32,bfloat16',
+                      help='Comma-separated compute dtypes of our step.')
+  parser.add_argument('--reference_precisions', default='float32,bf16-autocast,bf16',
+                      help='Comma-separated precisions of the reference (float32, '
+                           'bf16-autocast, bf16).')
+  parser.add_argument('--reference_threads', type=int, default=0,
+                      help='torch.set_num_threads of the reference; 0: every CPU it may use.')
+
+  parser.add_argument('--sweep', action='store_true',
+                      help='Time our step at --sweep_batch_sizes and --sweep_caption_lengths '
+                           'instead of comparing.')
+  parser.add_argument('--sweep_batch_sizes', default='8,16,32,64',
+                      help='Batch sizes of the sweep, at --caption_length.')
+  parser.add_argument('--sweep_caption_lengths', default='16,32,64',
+                      help='Caption lengths of the sweep, at --batch_size.')
+  parser.add_argument('--sweep_dtype', default='float32', choices=['float32', 'bfloat16'],
+                      help='Compute dtype of our step in the sweep.')
+  parser.add_argument('--sweep_reference', default='',
+                      choices=['', 'float32', 'bf16-autocast', 'bf16'],
+                      help='Also sweep the reference at this precision; empty: do not.')
+
+  parser.add_argument('--out_dir', default='',
+                      help='Folder for each child\'s JSON result; empty: a new temporary folder.')
+
+  args, passthrough = parser.parse_known_args()
+  unexpected = [arg for arg in passthrough if not arg.startswith('--config')]
+  if unexpected:
+    parser.error(f'unrecognized arguments: {" ".join(unexpected)}')
+  common.check_step_counts(args.steps, args.warmup)
+  return args, passthrough
+
+
+def common_flags(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
+  flags = [f'--steps={args.steps}', f'--warmup={args.warmup}',
+           f'--matmul_size={args.matmul_size}']
+  if args.batch_size:
+    flags.append(f'--batch_size={args.batch_size}')
+  if args.caption_length:
+    flags.append(f'--caption_length={args.caption_length}')
+  return flags + passthrough
+
+
+def run_child(script: str, flags: list[str], json_path: str) -> dict | None:
+  """Run one benchmark script to completion and return its JSON result, or None if it failed."""
+  command = [sys.executable, os.path.join(BENCH, script), *flags, f'--json_out={json_path}']
+  print(f'\n$ {" ".join(command)}', flush=True)
+  start = time.perf_counter()
+  completed = subprocess.run(command, cwd=REPOSITORY, check=False)
+  elapsed = time.perf_counter() - start
+  if completed.returncode != 0 or not os.path.isfile(json_path):
+    print(f'{script} failed with exit status {completed.returncode} after {elapsed:.0f} s.',
+          file=sys.stderr, flush=True)
+    return None
+  print(f'({script} took {elapsed:.0f} s)', flush=True)
+  with open(json_path) as f:
+    result = json.load(f)
+  result['wall_seconds'] = elapsed
+  return result
+
+
+def summary_row(result: dict, point: dict) -> dict:
+  ours = result['framework'] == 'jax'
+  return {'implementation': 'ours (JAX)' if ours else 'reference (PyTorch)',
+          'precision': result['dtype'] if ours else result['precision'],
+          'peak_gflops': result['peak_gflops'], 'process_seconds': result['wall_seconds'],
+          **point}
+
+
+def fastest(rows: list[dict]) -> dict | None:
+  return max(rows, key=lambda row: row['samples_per_second']) if rows else None
+
+
+def show_rate(row: dict | None) -> str:
+  if row is None:
+    return 'n/a'
+  return f'{row["samples_per_second"]:.3f} ({row["precision"]})'
+
+
+def show_ratio(ratio: float | None) -> str:
+  return 'n/a' if ratio is None else f'{ratio:.3f}'
+
+
+def samples_ratio(numerator: dict | None, denominator: dict | None) -> float | None:
+  if numerator is None or denominator is None:
+    return None
+  return numerator['samples_per_second'] / denominator['samples_per_second']
+
+
+def compare(args: argparse.Namespace, passthrough: list[str], out_dir: str) -> int:
+  flags = common_flags(args, passthrough)
+  runs = [('step.py', [*flags, f'--dtype={dtype}'], f'ours {dtype}', f'ours_{dtype}.json')
+          for dtype in args.ours_dtypes.split(',')]
+  reference_flags = [*flags, f'--threads={args.reference_threads}']
+  runs += [('reference_torch.py', [*reference_flags, f'--precision={precision}'],
+            f'reference {precision}', f'reference_{precision}.json')
+           for precision in args.reference_precisions.split(',')]
+  results, failed = [], []
+  for script, script_flags, name, json_name in runs:
+    result = run_child(script, script_flags, os.path.join(out_dir, json_name))
+    if result is None:
+      failed.append(name)
+    else:
+      results.append(result)
+
+  rows = [summary_row(result, result['points'][0]) for result in results]
+  ours = [row for row in rows if row['implementation'].startswith('ours')]
+  reference = [row for row in rows if row['implementation'].startswith('reference')]
+  ours_float32 = next((row for row in ours if row['precision'] == 'float32'), None)
+  reference_float32 = next((row for row in reference if row['precision'] == 'float32'), None)
+  ours_fastest, reference_fastest = fastest(ours), fastest(reference)
+  ratio_same = samples_ratio(ours_float32, reference_float32)
+  ratio_fastest = samples_ratio(ours_fastest, reference_fastest)
+
+  print('\nCLAMP training step, ours against the PyTorch reference, on '
+        f'{len(os.sched_getaffinity(0))} CPUs')
+  print(common.format_table(rows, SUMMARY_COLUMNS))
+  print()
+  print(f'ours_samples_per_second: {show_rate(ours_float32)}')
+  print(f'ours_fastest_samples_per_second: {show_rate(ours_fastest)}')
+  print(f'reference_samples_per_second_same_precision: {show_rate(reference_float32)}')
+  print(f'reference_samples_per_second_fastest: {show_rate(reference_fastest)}')
+  print(f'ratio_same_precision: {show_ratio(ratio_same)}')
+  print(f'ratio_fastest: {show_ratio(ratio_fastest)}')
+  if failed:
+    print(f'failed: {", ".join(failed)}', file=sys.stderr)
+  print(json.dumps({'mode': 'compare', 'rows': rows, 'ratio_same_precision': ratio_same,
+                    'ratio_fastest': ratio_fastest, 'failed': failed, 'out_dir': out_dir}))
+  return 1 if failed else 0
+
+
+def sweep(args: argparse.Namespace, passthrough: list[str], out_dir: str) -> int:
+  flags = [*common_flags(args, passthrough), f'--sweep_batch_sizes={args.sweep_batch_sizes}',
+           f'--sweep_caption_lengths={args.sweep_caption_lengths}']
+  ours = run_child('step.py', [*flags, f'--dtype={args.sweep_dtype}'],
+                   os.path.join(out_dir, f'sweep_ours_{args.sweep_dtype}.json'))
+
+  reference = None
+  if args.sweep_reference:
+    reference = run_child('reference_torch.py',
+                          [*flags, f'--threads={args.reference_threads}',
+                           f'--precision={args.sweep_reference}'],
+                          os.path.join(out_dir, f'sweep_reference_{args.sweep_reference}.json'))
+  if ours is None:
+    return 1
+
+  rows = [summary_row(ours, point) for point in ours['points']]
+  if reference is not None:
+    reference_rate = {(p['batch_size'], p['caption_length']): p['samples_per_second']
+                      for p in reference['points']}
+    for row in rows:
+      rate = reference_rate.get((row['batch_size'], row['caption_length']))
+      row['reference_samples_per_second'] = rate
+      row['ratio'] = row['samples_per_second'] / rate if rate else None
+  # One process times every point, so its wall time is not a per-point measure.
+  columns = [column for column in SUMMARY_COLUMNS[1:] if column[0] != 'process_seconds']
+  if reference is not None:
+    columns = columns + [('reference_samples_per_second',
+                          f'reference samples/s ({args.sweep_reference})', '.2f'),
+                         ('ratio', 'ratio', '.3f')]
+
+  print(f'\nOur CLAMP step against batch size and caption length ({args.sweep_dtype} compute)')
+  print(common.format_table(rows, columns))
+  print(json.dumps({'mode': 'sweep', 'rows': rows, 'out_dir': out_dir,
+                    'reference_failed': bool(args.sweep_reference) and reference is None}))
+  return 1 if args.sweep_reference and reference is None else 0
+
+
+def main() -> None:
+  args, passthrough = parse_args()
+  out_dir = args.out_dir or tempfile.mkdtemp(prefix='clamp_bench_')
+  os.makedirs(out_dir, exist_ok=True)
+  sys.exit(sweep(args, passthrough, out_dir) if args.sweep else compare(args, passthrough,
+                                                                            out_dir))
+
+
+if __name__ == '__main__':
+  main()
