@@ -40,8 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Rematerialisation of each LLM layer and ViT block in the backward pass: 'none', 'full'
   # (keep only block inputs), 'dots' (keep matmul outputs) or 'dots_no_batch'.
   model.remat = 'none'
-  # Run the LLM layers and the ViT blocks as one jax.lax.scan each: compile time stays flat in
-  # depth; the layer weights are stacked (copied) once per step.
+  # Run the LLM layers and the ViT blocks as one jax.lax.scan each, so compile time stays flat in
+  # depth. The layer weights are then stacked (copied) once per step.
   model.scan_layers = False
   model.embed_dim = 512  # Shared image-text embedding size.
   model.num_prompts = 24  # Read-only prompt tokens appended after each caption.

@@ -73,7 +73,7 @@ def sharded_distillation_loss(student_images: jax.Array, student_texts: jax.Arra
                               scale: float = SCALE) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`distillation_loss` on a batch split over `batch_axes` of `mesh`; equal result and gradients.
 
-  Each device holds `[batch / shards, d]` rows of every input, gathers all rows, and computes the
+  Each device has `[batch / shards, d]` rows of every input, gathers all rows, and computes the
   cross-entropy of its own image rows against all texts and of its own text rows against all
   images. Memory per device is `local batch x global batch` per matrix.
   """

@@ -4,7 +4,7 @@ The model and optimizer are split into two states. The frozen parameters (the ba
 locked image tower) are passed in and never returned. The mutable state (trainable parameters,
 optimizer moments, dropout RNG counters, calibration statistics) is donated and returned updated.
 Both carry the shardings their logical axes map to, so the compiled step's inputs and outputs live
-on the mesh as the rules say, and the old mutable buffers are reused for the new ones.
+on the mesh as the rules set, and the old mutable buffers are reused for the new ones.
 
 With `microbatches > 1` the batch is processed in equal parts with the gradient-cache method, which
 keeps the contrastive loss over the whole global batch:
@@ -73,6 +73,11 @@ def contrastive_loss(model, images: jax.Array, texts: jax.Array, batch: dict, op
   return loss + options.distill_weight * distill, metrics
 
 
+def _batch_axes(mesh: Mesh, rules) -> tuple[str, ...]:
+  """Return the mesh axes that the `batch` rule splits the batch over."""
+  return tuple(a for a in (parallel.rules_dict(rules).get('batch') or ()) if a in mesh.shape)
+
+
 def _distillation(model, images, texts, batch, options, mesh, rules):
   """Distillation loss against the model's frozen teacher on the same images and captions."""
   if 'teacher_input_ids' not in batch:
@@ -88,7 +93,7 @@ def _distillation(model, images, texts, batch, options, mesh, rules):
   teacher_images = teacher.encode_image(pixels)
   teacher_texts = teacher.encode_text(batch['teacher_input_ids'], batch['teacher_attention_mask'])
   if options.sharded_loss and parallel.batch_shards(mesh, rules) > 1:
-    axes = tuple(a for a in (parallel.rules_dict(rules).get('batch') or ()) if a in mesh.shape)
+    axes = _batch_axes(mesh, rules)
     return sharded_distillation_loss(images, texts, teacher_images, teacher_texts, mesh, axes)
   return distillation_loss(images, texts, teacher_images, teacher_texts)
 
@@ -102,7 +107,7 @@ def _pair_loss(model, images: jax.Array, texts: jax.Array, batch: dict, options:
                        'config.data.caption_table=False.')
     return indexed_contrastive_loss(images, texts, logit_scale, batch['caption_index'])
   ids, mask = batch['input_ids'], batch['attention_mask']
-  axes = tuple(a for a in (parallel.rules_dict(rules).get('batch') or ()) if a in mesh.shape)
+  axes = _batch_axes(mesh, rules)
   if options.sharded_loss and parallel.batch_shards(mesh, rules) > 1:
     if options.loss == 'softmax':
       return sharded_softmax_contrastive_loss(images, texts, logit_scale, mesh, axes, ids, mask)

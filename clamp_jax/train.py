@@ -79,7 +79,7 @@ def step_options(config: ml_collections.ConfigDict) -> StepOptions:
 
 def make_train_step(model, optimizer, trainable, config: ml_collections.ConfigDict,
                     mesh: jax.sharding.Mesh, batch: dict) -> CompiledStep:
-  """The jitted step for batches shaped like `batch` (a dict of device arrays)."""
+  """Build the jitted step for batches shaped like `batch` (a dict of device arrays)."""
   replicated = replicated_keys(config)
   return step_lib.make_train_step(model, optimizer, trainable, step_options(config), mesh,
                                   config.mesh.rules, tuple(batch), replicated)
@@ -92,8 +92,8 @@ def make_train_step(model, optimizer, trainable, config: ml_collections.ConfigDi
 
 def make_caption_tokenizer(config: ml_collections.ConfigDict, tokenizer,
                            teacher_tokenize=None) -> CaptionTokenizer:
-  """The LLM's caption tokenizer; `teacher_tokenize(captions) -> (ids, mask)` adds the teacher's
-  tokens of the raw captions for distillation."""
+  """Build the LLM's caption tokenizer. With `teacher_tokenize(captions) -> (ids, mask)` it also
+  adds the teacher's tokens of the raw captions, for distillation."""
   return CaptionTokenizer(tokenizer, config.data.caption_wrapper, config.data.max_length,
                           teacher=teacher_tokenize)
 

@@ -121,7 +121,8 @@ def test_sigmoid_loss_trains_bias_and_temperature():
   loss, metrics, grads = loss_and_grads(config, StepOptions(loss='sigmoid'))
   assert np.isfinite(loss)
   assert abs(metrics['loss_positive'] + metrics['loss_negative'] - loss) < 1e-4
-  assert grads['logit_bias'] != 0 and grads['log_logit_scale'] != 0
+  assert grads['logit_bias'] != 0
+  assert grads['log_logit_scale'] != 0
   micro_loss, _, micro_grads = loss_and_grads(config, StepOptions(loss='sigmoid',
                                                                   microbatches=2))
   assert abs(loss - micro_loss) < 1e-5
@@ -149,7 +150,7 @@ def test_step_donates_mutable_state_and_keeps_frozen():
   assert np.isfinite(float(metrics['train/loss']))
   assert all(leaf.is_deleted() for leaf in mutable_before)
   assert not any(leaf.is_deleted() for leaf in frozen_before)
-  # The model now holds the step's outputs, and a second step runs without recompiling.
+  # The model now contains the step's outputs, and a second step runs without recompiling.
   assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(nnx.state(model, trainable)))
   step(model, optimizer, batch)
   assert step.function._cache_size() == 1

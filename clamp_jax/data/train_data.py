@@ -37,7 +37,7 @@ from clamp_jax.data.sources import ReadSettings, build_stream
 
 
 def uses_caption_table(config: ml_collections.ConfigDict) -> bool:
-  """Whether batches carry the table of distinct captions (digits with data.caption_table)."""
+  """Tell whether batches carry the table of distinct captions (digits with data.caption_table)."""
   return config.data.train.kind == 'digits' and bool(config.data.caption_table)
 
 

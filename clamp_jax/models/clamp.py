@@ -46,7 +46,7 @@ class CLAMP(nnx.Module):
     return jnp.minimum(jnp.exp(self.log_logit_scale[...]), self.max_logit_scale)
 
   def bias(self) -> jax.Array:
-    """The sigmoid loss's logit bias; raises if the model was built without one."""
+    """Return the sigmoid loss's logit bias. Raise ValueError if the model has none."""
     if self.logit_bias is None:
       raise ValueError('This model has no logit bias; build it with init_logit_bias for the '
                        'sigmoid loss.')

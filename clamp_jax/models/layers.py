@@ -38,7 +38,7 @@ def run_layers(layers, call: Callable, x: jax.Array, *, remat: str = 'none',
   """Apply `x = call(layer, x)` for each of `layers` in order.
 
   With `scan=True` the layers run as one `jax.lax.scan` over their stacked states, so the compiled
-  program holds one layer body whatever the depth (compile time stays flat). Stacking copies the
+  program contains one layer body whatever the depth (compile time stays flat). Stacking copies the
   layer weights once per call. `remat` names the policy of `REMAT_POLICIES` for each layer.
   """
   if not scan:
