@@ -68,15 +68,16 @@ def restore_latest(config: ml_collections.ConfigDict, workdir: str, *, required:
   from clamp_jax.train import set_up
 
   setup = set_up(config, workdir)
-  step = setup.checkpointer.latest_step()
-  if step is None and required:
+  try:
+    step = setup.checkpointer.latest_step()
+    if step is None and required:
+      raise FileNotFoundError(
+          f'No checkpoint in {setup.checkpointer.directory}; train first with config.mode=train.')
+    if step is not None:
+      setup.checkpointer.restore(step, model=setup.model, optimizer=setup.optimizer,
+                                 trainable=setup.trainable)
+  finally:
     setup.checkpointer.close()
-    raise FileNotFoundError(
-        f'No checkpoint in {setup.checkpointer.directory}; train first with config.mode=train.')
-  if step is not None:
-    setup.checkpointer.restore(step, model=setup.model, optimizer=setup.optimizer,
-                               trainable=setup.trainable)
-  setup.checkpointer.close()
   setup.model.eval()
   return setup, step
 

@@ -165,15 +165,9 @@ def attach_teacher(model, config: ml_collections.ConfigDict, mesh):
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Restore the latest checkpoint in WORKDIR/checkpoints and run zero-shot evaluation."""
-  setup = set_up(config, workdir)
-  step = setup.checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(
-        f'No checkpoint in {setup.checkpointer.directory}; train first with config.mode=train.')
-  setup.checkpointer.restore(step, model=setup.model, optimizer=setup.optimizer,
-                             trainable=setup.trainable)
-  setup.checkpointer.close()
-  setup.model.eval()
+  from clamp_jax.export import restore_latest
+
+  setup, step = restore_latest(config, workdir, required=True)
   return run_evaluation(setup.model, make_caption_tokenizer(config, setup.tokenizer), config,
                         workdir, step)
 
@@ -209,60 +203,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup = set_up(config, workdir)
   mesh, model, trainable = setup.mesh, setup.model, setup.trainable
   optimizer, checkpointer = setup.optimizer, setup.checkpointer
-  num_trainable = build.count_parameters(model, trainable)
-  num_total = build.count_parameters(model, nnx.Param)
-  logging.info('Trainable parameters: %s of %s.', f'{num_trainable:,}', f'{num_total:,}')
-  if num_trainable == 0:
-    raise ValueError(f'config.train.trainable={list(train_config.trainable)} matches no parameter.')
-  caption_tokenizer = make_caption_tokenizer(config, setup.tokenizer, setup.teacher_tokenize)
-  dataset = make_train_data(config, caption_tokenizer)
-  data_iter = iter(dataset)
+  try:
+    num_trainable = build.count_parameters(model, trainable)
+    num_total = build.count_parameters(model, nnx.Param)
+    logging.info('Trainable parameters: %s of %s.', f'{num_trainable:,}', f'{num_total:,}')
+    if num_trainable == 0:
+      raise ValueError(
+          f'config.train.trainable={list(train_config.trainable)} matches no parameter.')
+    caption_tokenizer = make_caption_tokenizer(config, setup.tokenizer, setup.teacher_tokenize)
+    dataset = make_train_data(config, caption_tokenizer)
+    data_iter = iter(dataset)
 
-  start_step = checkpointer.latest_step() or 0
-  replicated = replicated_keys(config)
-  if not start_step and config.model.calibrate_text_features:
-    first = iter(dataset)
-    calibrate_text_tower(model, split_data_counters(next(first), mesh, config.mesh.rules,
-                                                    replicated)[0])
-    close_iterator(first)
-  if start_step:
-    data_state = checkpointer.restore(start_step, model=model, optimizer=optimizer,
-                                      trainable=trainable)
-    data_iter.set_state(data_state)
-    logging.info('Resuming from step %d of %d.', start_step, train_config.steps)
+    start_step = checkpointer.latest_step() or 0
+    replicated = replicated_keys(config)
+    if not start_step and config.model.calibrate_text_features:
+      first = iter(dataset)
+      calibrate_text_tower(model, split_data_counters(next(first), mesh, config.mesh.rules,
+                                                      replicated)[0])
+      close_iterator(first)
+    if start_step:
+      data_state = checkpointer.restore(start_step, model=model, optimizer=optimizer,
+                                        trainable=trainable)
+      data_iter.set_state(data_state)
+      logging.info('Resuming from step %d of %d.', start_step, train_config.steps)
 
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  model.train()
-  batches = (split_data_counters(batch, mesh, config.mesh.rules, replicated)
-             for batch in data_iter)
-  make_step = lambda batch: make_train_step(model, optimizer, trainable, config, mesh, batch)
-  evaluate = make_periodic_evaluator(model, caption_tokenizer, config, workdir, writer)
-  stop_watch = StopWatch()
-  with stop_watch:
-    last_metrics = run_train_loop(model, optimizer, data_iter, batches, make_step, checkpointer,
-                                  writer, train_config, start_step, trainable, evaluate,
-                                  stop_watch)
-  checkpointer.wait()
-  close_iterator(data_iter)
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    model.train()
+    batches = (split_data_counters(batch, mesh, config.mesh.rules, replicated)
+               for batch in data_iter)
+    make_step = lambda batch: make_train_step(model, optimizer, trainable, config, mesh, batch)
+    evaluate = make_periodic_evaluator(model, caption_tokenizer, config, workdir, writer)
+    stop_watch = StopWatch()
+    with stop_watch:
+      last_metrics = run_train_loop(model, optimizer, data_iter, batches, make_step, checkpointer,
+                                    writer, train_config, start_step, trainable, evaluate,
+                                    stop_watch)
+    checkpointer.wait()
+    close_iterator(data_iter)
 
-  results = {'train': last_metrics}
-  # A stop request skips the evaluation at the end too; the rerun runs it.
-  finished = ((checkpointer.latest_step() or 0) >= train_config.steps
-              and stop_watch.stop_reason is None)
-  if not finished:
-    logging.info('Stopped at step %d of %d; rerun the same command to resume.',
-                 checkpointer.latest_step() or 0, train_config.steps)
-  if finished and config.eval.at_end and jax.process_count() > 1:
-    # NOTE: zero-shot evaluation feeds process-local arrays, so it runs in one process only.
-    logging.warning('Skipping zero-shot evaluation in a %d-process run; run config.mode=eval '
-                    'from one process.', jax.process_count())
-  elif finished and config.eval.at_end:
-    model.eval()
-    results['eval'] = run_evaluation(model, caption_tokenizer, config, workdir,
-                                     train_config.steps)
-    writer.write(train_config.steps, metric_records(results['eval']))
-  writer.close()
-  checkpointer.close()
+    results = {'train': last_metrics}
+    # A stop request skips the evaluation at the end too; the rerun runs it.
+    finished = ((checkpointer.latest_step() or 0) >= train_config.steps
+                and stop_watch.stop_reason is None)
+    if not finished:
+      logging.info('Stopped at step %d of %d; rerun the same command to resume.',
+                   checkpointer.latest_step() or 0, train_config.steps)
+    if finished and config.eval.at_end and jax.process_count() > 1:
+      # NOTE: zero-shot evaluation feeds process-local arrays, so it runs in one process only.
+      logging.warning('Skipping zero-shot evaluation in a %d-process run; run config.mode=eval '
+                      'from one process.', jax.process_count())
+    elif finished and config.eval.at_end:
+      model.eval()
+      results['eval'] = run_evaluation(model, caption_tokenizer, config, workdir,
+                                       train_config.steps)
+      writer.write(train_config.steps, metric_records(results['eval']))
+    writer.close()
+  finally:
+    # Waits for a save in flight, so an error after a save still leaves that checkpoint whole.
+    checkpointer.close()
   return results
 
 
