@@ -134,13 +134,11 @@ def time_point(config, mesh, model, trainable, optimizer, *, steps: int,
   else:
     flops = cost_analysis_flops(compiled)
 
+  run = step_lib.CompiledStep(compiled, train_step.frozen_filter)
+
   def run_step() -> dict:
-    # The same state round trip as `CompiledStep.__call__` in the training loop.
-    frozen, mutable = step_lib.split_state(model, optimizer, train_step.frozen_filter)
-    (model_state, optimizer_state), metrics = compiled(frozen, mutable, batch)
-    nnx.update(model, model_state)
-    nnx.update(optimizer, optimizer_state)
-    jax.block_until_ready((model_state, optimizer_state, metrics))
+    metrics = run(model, optimizer, batch)
+    jax.block_until_ready((run.held.mutable, metrics))
     return metrics
 
   first_start = time.perf_counter()
@@ -153,7 +151,7 @@ def time_point(config, mesh, model, trainable, optimizer, *, steps: int,
     start_step = time.perf_counter()
     metrics = run_step()
     step_seconds.append(time.perf_counter() - start_step)
-  host_state_seconds = time_state_round_trip(model, optimizer, train_step.frozen_filter)
+  host_state_seconds = time_state_round_trip(run, model, optimizer)
   loss = float(jax.device_get(metrics['train/loss']))
   if not math.isfinite(loss):
     logging.warning('train/loss is %s after the timed steps; the timing may not be typical.',
@@ -178,19 +176,16 @@ def time_point(config, mesh, model, trainable, optimizer, *, steps: int,
   return point
 
 
-def time_state_round_trip(model, optimizer, frozen_filter, repeats: int = 10) -> float:
-  """Median seconds of the step's host work alone: splitting the nnx state and updating the
-  model and optimizer with it, which every timed step includes."""
-  from flax import nnx
-
-  from clamp_jax import step as step_lib
-
+def time_state_round_trip(run, model, optimizer, repeats: int = 10) -> float:
+  """Median seconds of the step's host work alone: checking that the held input states are
+  current and writing a step's output states into the model and optimizer."""
+  held = run.held
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    _, (model_state, optimizer_state) = step_lib.split_state(model, optimizer, frozen_filter)
-    nnx.update(model, model_state)
-    nnx.update(optimizer, optimizer_state)
+    if not held.current(model, optimizer):
+      raise RuntimeError('The held step state went stale between timed steps.')
+    held.write_back(*held.mutable)
     times.append(time.perf_counter() - start)
   return statistics.median(times)
 

@@ -201,17 +201,70 @@ def _gradient_cache(model, batch: dict, trainable, options: StepOptions, mesh: M
 
 @dataclasses.dataclass
 class CompiledStep:
-  """A jitted step plus the state layout it expects; `__call__` updates model and optimizer."""
+  """A jitted step plus the state layout it expects; `__call__` updates model and optimizer.
+
+  Splitting a model into states walks its whole graph, which costs more host time per step than
+  a small model's step takes on an accelerator. So the step keeps its input states between calls,
+  writes each result straight into the module's variables, and splits again only when a variable
+  no longer holds the array the kept state has (something outside the step assigned it).
+  """
 
   function: Callable
   frozen_filter: object
+  held: HeldState | None = dataclasses.field(default=None, init=False, repr=False)
 
   def __call__(self, model, optimizer, batch: dict) -> dict:
-    frozen, mutable = split_state(model, optimizer, self.frozen_filter)
-    (new_model_state, new_optimizer_state), metrics = self.function(frozen, mutable, batch)
-    nnx.update(model, new_model_state)
-    nnx.update(optimizer, new_optimizer_state)
+    held = self.held
+    if held is None or not held.current(model, optimizer):
+      held = self.held = HeldState.split(model, optimizer, self.frozen_filter)
+    (model_state, optimizer_state), metrics = self.function(held.frozen, held.mutable, batch)
+    held.write_back(model_state, optimizer_state)
     return metrics
+
+
+@dataclasses.dataclass
+class HeldState:
+  """The step's input states and, per state leaf, the module variable it mirrors."""
+
+  module: object
+  optimizer: object
+  frozen: nnx.State
+  mutable: tuple[nnx.State, nnx.State]
+  frozen_pairs: list  # (module variable, the array the frozen state passes for it)
+  mutable_vars: list  # The module variables of the mutable states' leaves, in state order.
+
+  @classmethod
+  def split(cls, model, optimizer, frozen_filter) -> HeldState:
+    frozen, mutable = split_state(model, optimizer, frozen_filter)
+    model_vars, optimizer_vars = _variables_by_path(model), _variables_by_path(optimizer)
+    frozen_pairs = [(model_vars[path], leaf.get_raw_value())
+                    for path, leaf in nnx.to_flat_state(frozen)]
+    mutable_vars = ([model_vars[path] for path, _ in nnx.to_flat_state(mutable[0])]
+                    + [optimizer_vars[path] for path, _ in nnx.to_flat_state(mutable[1])])
+    return cls(model, optimizer, frozen, mutable, frozen_pairs, mutable_vars)
+
+  def current(self, model, optimizer) -> bool:
+    """Whether every variable still holds the array this state passes for it."""
+    if model is not self.module or optimizer is not self.optimizer:
+      return False
+    mutable_arrays = _arrays(self.mutable)
+    return (all(var.get_raw_value() is array for var, array in self.frozen_pairs)
+            and all(var.get_raw_value() is array
+                    for var, array in zip(self.mutable_vars, mutable_arrays, strict=True)))
+
+  def write_back(self, model_state: nnx.State, optimizer_state: nnx.State) -> None:
+    self.mutable = (model_state, optimizer_state)
+    for var, array in zip(self.mutable_vars, _arrays(self.mutable), strict=True):
+      var.set_raw_value(array)
+
+
+def _variables_by_path(node) -> dict:
+  return {path: value for path, value in nnx.iter_graph(node) if isinstance(value, nnx.Variable)}
+
+
+def _arrays(states) -> list:
+  """The arrays of `states` in the order `nnx.to_flat_state` lists them, state after state."""
+  return [leaf.get_raw_value() for state in states for _, leaf in nnx.to_flat_state(state)]
 
 
 def frozen_filter(trainable) -> object:

@@ -8,7 +8,8 @@ from flax import nnx
 
 from clamp_jax.generate import generate_ids
 from clamp_jax.models.llama import Llama, LlamaConfig
-from clamp_jax.models.lora import LoRAConfig, apply_lora, iter_linears, merge, unmerge
+from clamp_jax.models.lora import (HalfWordDropout, LoRAConfig, apply_lora, iter_linears, merge,
+                                   unmerge)
 
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -196,6 +197,20 @@ def test_train_dropout_varies_model():
   first = np.asarray(model(ids, mask))
   second = np.asarray(model(ids, mask))
   assert not np.array_equal(first, second)
+
+
+def test_half_word_dropout_keeps_the_rate_and_the_mean():
+  dropout = HalfWordDropout(0.1, rngs=nnx.Rngs(dropout=0))
+  x = jnp.ones((64, 56, 576))
+  first, second = np.asarray(dropout(x)), np.asarray(dropout(x))
+  # 2,064,384 decisions: the kept fraction's standard deviation is 2.1e-4, the mean's 2.3e-4.
+  assert abs(np.mean(first != 0) - 0.9) < 1.5e-3
+  assert abs(np.mean(first) - 1.0) < 1.5e-3
+  # The two halves of each 32-bit word feed the first and second half of the last axis; their
+  # masks agree only as often as independent draws do (0.9**2 + 0.1**2 = 0.82).
+  assert abs(np.mean((first[..., :288] != 0) == (first[..., 288:] != 0)) - 0.82) < 3e-3
+  assert not np.array_equal(first, second)
+  assert dropout(jnp.ones((3, 5))).shape == (3, 5)
 
 
 def test_eval_branch_is_deterministic():
