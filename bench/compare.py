@@ -31,6 +31,10 @@ import common
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPOSITORY = os.path.dirname(BENCH)
+# glibc (2.35 and later) then asks for transparent huge pages for the large blocks it maps. XLA:CPU
+# allocates a step's temporaries afresh each step; with 4 KiB pages the kernel faults in and zeroes
+# each page again, about 950,000 faults per step of the default config.
+HUGEPAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
 
 SUMMARY_COLUMNS = [
     ('implementation', 'implementation', 's'),
@@ -84,6 +88,11 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
                       choices=['', 'float32', 'bf16-autocast', 'bf16'],
                       help='Also sweep the reference at this precision; empty: do not.')
 
+  parser.add_argument('--malloc_hugepages', default='on', choices=['on', 'off'],
+                      help="'on': run every child with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so "
+                           'glibc backs large allocations with transparent huge pages (see '
+                           'bench/RESULTS.md); off: leave the environment as it is.')
+
   parser.add_argument('--out_dir', default='',
                       help='Folder for each child\'s JSON result; empty: a new temporary folder.')
 
@@ -105,12 +114,22 @@ def common_flags(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
   return flags + passthrough
 
 
-def run_child(script: str, flags: list[str], json_path: str) -> dict | None:
+def child_environment(args: argparse.Namespace) -> dict[str, str]:
+  env = dict(os.environ)
+  if args.malloc_hugepages == 'on':
+    tunables = [part for part in env.get('GLIBC_TUNABLES', '').split(':') if part]
+    env['GLIBC_TUNABLES'] = ':'.join([*tunables, HUGEPAGE_TUNABLE])
+  return env
+
+
+def run_child(script: str, flags: list[str], json_path: str,
+              env: dict[str, str]) -> dict | None:
   """Run one benchmark script to completion and return its JSON result, or None if it failed."""
   command = [sys.executable, os.path.join(BENCH, script), *flags, f'--json_out={json_path}']
-  print(f'\n$ {" ".join(command)}', flush=True)
+  tunables = env.get('GLIBC_TUNABLES')
+  print(f'\n$ {f"GLIBC_TUNABLES={tunables} " if tunables else ""}{" ".join(command)}', flush=True)
   start = time.perf_counter()
-  completed = subprocess.run(command, cwd=REPOSITORY, check=False)
+  completed = subprocess.run(command, cwd=REPOSITORY, env=env, check=False)
   elapsed = time.perf_counter() - start
   if completed.returncode != 0 or not os.path.isfile(json_path):
     print(f'{script} failed with exit status {completed.returncode} after {elapsed:.0f} s.',
@@ -161,7 +180,8 @@ def compare(args: argparse.Namespace, passthrough: list[str], out_dir: str) -> i
            for precision in args.reference_precisions.split(',')]
   results, failed = [], []
   for script, script_flags, name, json_name in runs:
-    result = run_child(script, script_flags, os.path.join(out_dir, json_name))
+    result = run_child(script, script_flags, os.path.join(out_dir, json_name),
+                       child_environment(args))
     if result is None:
       failed.append(name)
     else:
@@ -196,15 +216,17 @@ def compare(args: argparse.Namespace, passthrough: list[str], out_dir: str) -> i
 def sweep(args: argparse.Namespace, passthrough: list[str], out_dir: str) -> int:
   flags = [*common_flags(args, passthrough), f'--sweep_batch_sizes={args.sweep_batch_sizes}',
            f'--sweep_caption_lengths={args.sweep_caption_lengths}']
+  env = child_environment(args)
   ours = run_child('step.py', [*flags, f'--dtype={args.sweep_dtype}'],
-                   os.path.join(out_dir, f'sweep_ours_{args.sweep_dtype}.json'))
+                   os.path.join(out_dir, f'sweep_ours_{args.sweep_dtype}.json'), env)
 
   reference = None
   if args.sweep_reference:
     reference = run_child('reference_torch.py',
                           [*flags, f'--threads={args.reference_threads}',
                            f'--precision={args.sweep_reference}'],
-                          os.path.join(out_dir, f'sweep_reference_{args.sweep_reference}.json'))
+                          os.path.join(out_dir, f'sweep_reference_{args.sweep_reference}.json'),
+                          env)
   if ours is None:
     return 1
 

@@ -503,6 +503,7 @@ def main(argv: list[str]) -> None:
       'transformers_version': transformers.__version__,
       'threads': threads,
       'cpu_count': len(os.sched_getaffinity(0)),
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
       'config': config_flags.get_config_filename(flags.FLAGS['config']),
       'llm': config.model.llm,
       'precision': _PRECISION.value,

@@ -45,7 +45,8 @@ def build_llm(config: ml_collections.ConfigDict, place=None):
   """
   model_config = config.model
   overrides = dict(dtype=model_config.llm_dtype, param_dtype=model_config.llm_param_dtype,
-                   remat=model_config.remat, scan_layers=model_config.scan_layers)
+                   remat=model_config.remat, scan_layers=model_config.scan_layers,
+                   attention=model_config.attention)
   if model_config.llm == 'random':
     llm_config = LlamaConfig(**model_config.random_llm.to_dict(), **overrides)
     llm = Llama(llm_config, rngs=nnx.Rngs(config.seed))

@@ -43,6 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Run the LLM layers and the ViT blocks as one jax.lax.scan each, so compile time stays flat in
   # depth. The layer weights are then stacked (copied) once per step.
   model.scan_layers = False
+  # LLM attention kernel: 'einsum' (two einsums, float32 softmax), 'xla' or 'cudnn'
+  # (jax.nn.dot_product_attention with that implementation; 'cudnn' needs an NVIDIA GPU and
+  # bfloat16 compute).
+  model.attention = 'einsum'
   model.embed_dim = 512  # Shared image-text embedding size.
   model.num_prompts = 24  # Read-only prompt tokens appended after each caption.
   model.pooler_heads = 8  # Heads of the attention pooler over the prompt positions.

@@ -17,6 +17,8 @@ from clamp_jax.modes import MODES
 DTYPES = ('float32', 'bfloat16')
 # Kept in step with clamp_jax.models.layers.REMAT_CHOICES, which needs JAX to import.
 REMAT_CHOICES = ('none', 'full', 'dots', 'dots_no_batch')
+# Kept in step with clamp_jax.models.llama.ATTENTION_KERNELS.
+ATTENTION_KERNELS = ('einsum', 'xla', 'cudnn')
 
 
 class ConfigError(ValueError):
@@ -85,6 +87,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
              'config.data.caption_table=False.')
   _require(train.distill_weight >= 0,
            f'config.train.distill_weight={train.distill_weight} must be >= 0.')
+  _require(config.model.attention in ATTENTION_KERNELS,
+           f'config.model.attention={config.model.attention!r} is not one of '
+           f'{ATTENTION_KERNELS}.')
   _require(config.model.remat in REMAT_CHOICES,
            f'config.model.remat={config.model.remat!r} is not one of {REMAT_CHOICES}.')
   _require(config.distributed.initialize in ('auto', 'yes', 'no'),

@@ -46,7 +46,8 @@ def llm_architecture(config: ml_collections.ConfigDict) -> LlamaConfig:
   """
   model_config = config.model
   overrides = dict(dtype=model_config.llm_dtype, param_dtype=model_config.llm_param_dtype,
-                   remat=model_config.remat, scan_layers=model_config.scan_layers)
+                   remat=model_config.remat, scan_layers=model_config.scan_layers,
+                   attention=model_config.attention)
   if model_config.llm == 'random':
     return LlamaConfig(**model_config.random_llm.to_dict(), **overrides)
   if model_config.llm_architecture:

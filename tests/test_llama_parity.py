@@ -120,6 +120,14 @@ def test_logits_match_transformers(case):
   assert real_positions_max_diff(ours, case['ref_logits'], case['mask']) <= 1e-4
 
 
+def test_xla_attention_kernel_matches_transformers(case):
+  """`jax.nn.dot_product_attention` in place of the einsums gives the same logits, so the grouped
+  heads map to the same key-value heads."""
+  llm = load_hf_folder(case['new'], attention='xla')
+  ours = llm(jnp.asarray(case['ids']), jnp.asarray(case['mask']))
+  assert real_positions_max_diff(ours, case['ref_logits'], case['mask']) <= 1e-4
+
+
 def test_load_llm_folder_matches(case):
   llm, tokenizer = load_llm(case['new'], tokenizer=False)
   ours = llm(jnp.asarray(case['ids']), jnp.asarray(case['mask']))

@@ -24,6 +24,9 @@ from clamp_jax.parallel import constrain
 KVCache = list[dict[str, jax.Array]]
 
 
+ATTENTION_KERNELS = ('einsum', 'xla', 'cudnn')
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Architecture of a Llama-family model; field names follow Hugging Face's `LlamaConfig`."""
@@ -51,6 +54,10 @@ class LlamaConfig:
   remat: str = 'none'
   # Run the decoder layers as one `jax.lax.scan` (compile time flat in depth) when not decoding.
   scan_layers: bool = False
+  # Attention kernel: 'einsum' (two einsums and a float32 softmax), 'xla' or 'cudnn'
+  # (`jax.nn.dot_product_attention` with that implementation; cuDNN needs an NVIDIA GPU and
+  # bfloat16 or float16 compute).
+  attention: str = 'einsum'
 
   @property
   def resolved_head_dim(self) -> int:
@@ -171,6 +178,9 @@ class Attention(nnx.Module):
     self.num_kv_heads = config.num_key_value_heads
     self.head_dim = config.resolved_head_dim
     self.dtype = jnp.dtype(config.dtype)
+    if config.attention not in ATTENTION_KERNELS:
+      raise ValueError(f'attention={config.attention!r} is not one of {ATTENTION_KERNELS}.')
+    self.kernel = config.attention
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f'num_attention_heads={self.num_heads} is not a multiple of '
@@ -214,6 +224,19 @@ class Attention(nnx.Module):
                                        (0, cache_index, 0, 0))
       cache = {'k': k, 'v': v}
 
+    if self.kernel == 'einsum':
+      out = self.einsum_attention(q, k, v, mask)
+    else:
+      # Query head h reads key-value head h // groups, the grouping the einsum path uses.
+      # NOTE: rows with every key masked (padding queries) are only checked with 'xla', where they
+      # give uniform weights as in the einsum path; no GPU was at hand to check 'cudnn'.
+      out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                         mask=mask.astype(bool), implementation=self.kernel)
+    out = out.reshape(batch, length, self.num_heads * self.head_dim)
+    return self.o_proj(out, adapters=adapters), cache
+
+  def einsum_attention(self, q, k, v, mask):
+    batch, length = q.shape[:2]
     groups = self.num_heads // self.num_kv_heads
     q = q.reshape(batch, length, self.num_kv_heads, groups, self.head_dim)
     scores = jnp.einsum('btkgd,bskd->bkgts', q, k.astype(q.dtype)).astype(jnp.float32)
@@ -222,9 +245,7 @@ class Attention(nnx.Module):
     # then softmaxes to uniform weights instead of NaN, and its output is ignored downstream.
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum('bkgts,bskd->btkgd', weights, v.astype(self.dtype))
-    out = out.reshape(batch, length, self.num_heads * self.head_dim)
-    return self.o_proj(out, adapters=adapters), cache
+    return jnp.einsum('bkgts,bskd->btkgd', weights, v.astype(self.dtype))
 
 
 class MLP(nnx.Module):
