@@ -129,5 +129,5 @@ POINT_COLUMNS = [
     ('achieved_gflops', 'GFLOP/s', '.1f'),
     ('mfu', 'MFU', '.3f'),
     ('peak_rss_gib', 'peak RSS GiB', '.2f'),
-    ('host_state_seconds', 'nnx state split+update s', '.3f'),
+    ('host_state_seconds', 'host state s', '.3f'),
 ]

@@ -1,13 +1,13 @@
 """Compare our CLAMP training step with the PyTorch reference on this machine, or sweep our step.
 
 Each measurement runs in its own process, one after the other: first `bench/step.py` (JAX) at each
-of `--ours_dtypes`, then `bench/reference_torch.py` at each of `--reference_precisions`. Every
-child gets the same batch size, caption length, step counts and `--config.*` overrides, and the
+of `--ours_dtypes` and `--ours_cpu_devices`, then `bench/reference_torch.py` at each of
+`--reference_precisions`. Every child gets the same batch size, caption length, step counts and `--config.*` overrides, and the
 children's own tables stream through. The summary prints our samples/s, the reference's samples/s
 at float32 and at its fastest precision, and the lines
 
-    ratio_same_precision: X   (ours at float32 / reference at float32)
-    ratio_fastest: X          (our fastest / the reference's fastest)
+    ratio_same_precision: X   (our fastest float32 run / the reference at float32)
+    ratio_fastest: X          (our fastest run / the reference's fastest)
 
 followed by one JSON line. `--sweep` times our step at several batch sizes and caption lengths
 instead (one process, one loaded model), and `--sweep_reference=PRECISION` adds the reference's
@@ -39,6 +39,7 @@ HUGEPAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
 SUMMARY_COLUMNS = [
     ('implementation', 'implementation', 's'),
     ('precision', 'precision', 's'),
+    ('device_count', 'devices', 'd'),
     ('batch_size', 'batch', 'd'),
     ('caption_length', 'caption tokens', 'd'),
     ('samples_per_second', 'samples/s', '.2f'),
@@ -69,6 +70,10 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
 
   parser.add_argument('--ours_dtypes', default='float32,bfloat16',
                       help='Comma-separated compute dtypes of our step.')
+  parser.add_argument('--ours_cpu_devices', default='0',
+                      help='Comma-separated CPU device counts of our step (bench/step.py '
+                           "--cpu_devices); 0: the devices JAX finds, 'cores': one device per "
+                           'CPU this process may use. Each dtype runs at each count.')
   parser.add_argument('--reference_precisions', default='float32,bf16-autocast,bf16',
                       help='Comma-separated precisions of the reference (float32, '
                            'bf16-autocast, bf16).')
@@ -84,6 +89,9 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
                       help='Caption lengths of the sweep, at --batch_size.')
   parser.add_argument('--sweep_dtype', default='float32', choices=['float32', 'bfloat16'],
                       help='Compute dtype of our step in the sweep.')
+  parser.add_argument('--sweep_cpu_devices', default='0',
+                      help="CPU device count of our step in the sweep, or 'cores'; 0: the "
+                           'devices JAX finds.')
   parser.add_argument('--sweep_reference', default='',
                       choices=['', 'float32', 'bf16-autocast', 'bf16'],
                       help='Also sweep the reference at this precision; empty: do not.')
@@ -102,6 +110,23 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     parser.error(f'unrecognized arguments: {" ".join(unexpected)}')
   common.check_step_counts(args.steps, args.warmup)
   return args, passthrough
+
+
+def cpu_device_counts(text: str) -> list[int]:
+  """Parse a comma-separated list of CPU device counts, where 'cores' is the CPUs' count."""
+  counts = []
+  for part in text.split(','):
+    count = len(os.sched_getaffinity(0)) if part == 'cores' else None
+    if count is None:
+      try:
+        count = int(part)
+      except ValueError:
+        sys.exit(f"error: --ours_cpu_devices={text!r}: {part!r} is not a count or 'cores'.")
+    if count < 0:
+      sys.exit(f'error: --ours_cpu_devices={text!r} has a negative count.')
+    if count not in counts:
+      counts.append(count)
+  return counts
 
 
 def common_flags(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
@@ -146,6 +171,7 @@ def summary_row(result: dict, point: dict) -> dict:
   ours = result['framework'] == 'jax'
   return {'implementation': 'ours (JAX)' if ours else 'reference (PyTorch)',
           'precision': result['dtype'] if ours else result['precision'],
+          'device_count': result.get('device_count'),
           'peak_gflops': result['peak_gflops'], 'process_seconds': result['wall_seconds'],
           **point}
 
@@ -172,7 +198,9 @@ def samples_ratio(numerator: dict | None, denominator: dict | None) -> float | N
 
 def compare(args: argparse.Namespace, passthrough: list[str], out_dir: str) -> int:
   flags = common_flags(args, passthrough)
-  runs = [('step.py', [*flags, f'--dtype={dtype}'], f'ours {dtype}', f'ours_{dtype}.json')
+  runs = [('step.py', [*flags, f'--dtype={dtype}', f'--cpu_devices={devices}'],
+           f'ours {dtype} on {devices or "default"} devices', f'ours_{dtype}_{devices}.json')
+          for devices in cpu_device_counts(args.ours_cpu_devices)
           for dtype in args.ours_dtypes.split(',')]
   reference_flags = [*flags, f'--threads={args.reference_threads}']
   runs += [('reference_torch.py', [*reference_flags, f'--precision={precision}'],
@@ -190,7 +218,7 @@ def compare(args: argparse.Namespace, passthrough: list[str], out_dir: str) -> i
   rows = [summary_row(result, result['points'][0]) for result in results]
   ours = [row for row in rows if row['implementation'].startswith('ours')]
   reference = [row for row in rows if row['implementation'].startswith('reference')]
-  ours_float32 = next((row for row in ours if row['precision'] == 'float32'), None)
+  ours_float32 = fastest([row for row in ours if row['precision'] == 'float32'])
   reference_float32 = next((row for row in reference if row['precision'] == 'float32'), None)
   ours_fastest, reference_fastest = fastest(ours), fastest(reference)
   ratio_same = samples_ratio(ours_float32, reference_float32)
@@ -217,7 +245,11 @@ def sweep(args: argparse.Namespace, passthrough: list[str], out_dir: str) -> int
   flags = [*common_flags(args, passthrough), f'--sweep_batch_sizes={args.sweep_batch_sizes}',
            f'--sweep_caption_lengths={args.sweep_caption_lengths}']
   env = child_environment(args)
-  ours = run_child('step.py', [*flags, f'--dtype={args.sweep_dtype}'],
+  counts = cpu_device_counts(args.sweep_cpu_devices)
+  if len(counts) != 1:
+    sys.exit(f'error: --sweep_cpu_devices={args.sweep_cpu_devices!r} must be one count.')
+  devices = counts[0]
+  ours = run_child('step.py', [*flags, f'--dtype={args.sweep_dtype}', f'--cpu_devices={devices}'],
                    os.path.join(out_dir, f'sweep_ours_{args.sweep_dtype}.json'), env)
 
   reference = None

@@ -58,6 +58,10 @@ _SWEEP_BATCH_SIZES = flags.DEFINE_string(
 _SWEEP_CAPTION_LENGTHS = flags.DEFINE_string(
     'sweep_caption_lengths', '', 'Comma-separated caption lengths to time at --batch_size, such '
     'as 16,32,64.')
+_CPU_DEVICES = flags.DEFINE_integer(
+    'cpu_devices', 0, 'Run on the CPU platform split into this many XLA devices '
+    '(--xla_force_host_platform_device_count), data-parallel over them; 0: the devices JAX '
+    'finds.')
 _JSON_OUT = flags.DEFINE_string('json_out', '', 'Also write the JSON result to this file.')
 
 
@@ -132,7 +136,9 @@ def time_point(config, mesh, model, trainable, optimizer, *, steps: int,
     # XLA counts a scanned layer once, so take the FLOPs of unrolled copies (see plan.step_flops).
     flops = plan.step_flops(config)
   else:
+    # The cost analysis of a partitioned program counts one device's share.
     flops = cost_analysis_flops(compiled)
+    flops = flops * mesh.size if flops else flops
 
   run = step_lib.CompiledStep(compiled, train_step.frozen_filter)
 
@@ -216,6 +222,10 @@ def main(argv: list[str]) -> None:
   except ConfigError as e:
     sys.exit(f'error: {e}')
 
+  if _CPU_DEVICES.value:
+    from clamp_jax.main import simulate_cpu_devices
+
+    simulate_cpu_devices(_CPU_DEVICES.value)
   import jax
 
   import jax_matmul

@@ -66,7 +66,7 @@ def simulate_cpu_devices(count: int) -> None:
   from jax._src import xla_bridge
 
   if xla_bridge.backends_are_initialized():
-    sys.exit('error: JAX started before plan mode could set the simulated device count.')
+    sys.exit('error: JAX started before the simulated CPU device count could be set.')
   flags_value = os.environ.get('XLA_FLAGS', '')
   flags_value = ' '.join(flag for flag in flags_value.split()
                          if not flag.startswith('--xla_force_host_platform_device_count'))

@@ -1,0 +1,199 @@
+"""Profile one training step: where the time goes, page faults, and how busy the cores are.
+
+Builds the step as `bench/step.py` does, times `--steps` steps with the page faults each one
+takes, then traces one more step with `jax.profiler` (a Perfetto trace) and prints:
+
+- the operations with the most time summed over threads, each described by its output shape
+  and, for a dot, its operand shapes, so the forward and backward forms of a matmul show apart;
+- the wall time of the traced step split by what ran: nothing, only other operations, or dots;
+- the operations that ran alone (one core idle) the longest.
+
+    python bench/profile_step.py --batch_size=32 --caption_length=32
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python bench/profile_step.py --batch_size=32
+
+`--config.*` overrides any config field, as in `bench/step.py`.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+import common
+import step as step_bench
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(REPOSITORY, 'configs', 'smollm2_digits.py'),
+    'ml_collections config file of the model; --config.FIELD=VALUE overrides a field.',
+    lock_config=True)
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Image-caption pairs per step.')
+_CAPTION_LENGTH = flags.DEFINE_integer('caption_length', 32,
+                                       'Tokens per caption, padding included.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                           'Compute dtype of both towers.')
+_STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps before the traced one.')
+_TOP = flags.DEFINE_integer('top', 25, 'Rows of each table.')
+_TRACE_DIR = flags.DEFINE_string('trace_dir', '',
+                                 'Folder for the trace; empty: a new temporary folder.')
+
+# Trace events that are bookkeeping of the runtime, not operations of the program.
+RUNTIME_EVENTS = ('end:', 'Thunk', 'Threadpool', 'Pjit', 'Common', 'Slinky', 'ParseArguments')
+
+
+def operation_descriptions(hlo_text: str) -> dict[str, str]:
+  """Map each fusion instruction's name to its output shape and, for dots, the operand shapes."""
+  bodies = {match.group(1): match.group(2)
+            for match in re.finditer(r'^%?([\w.\-]+) .*?\{\n(.*?)\n\}', hlo_text, re.M | re.S)}
+  descriptions = {}
+  for match in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) fusion\(.*?calls=%?([\w.\-]+)',
+                           hlo_text, re.M):
+    name, shape, body = match.group(1), match.group(2), bodies.get(match.group(3), '')
+    dots = re.findall(r'= (\S+) dot\((.*?)\), lhs_contracting_dims=\{(.*?)\}, '
+                      r'rhs_contracting_dims=\{(.*?)\}', body)
+    if dots:
+      shapes = dict(re.findall(r'%?([\w.\-]+) = (\S+) (?:parameter|bitcast|transpose|copy)\(',
+                               body))
+      parts = []
+      for out, operands, lhs, rhs in dots:
+        names = [operand.strip().lstrip('%') for operand in operands.split(',')]
+        parts.append(f'{out} = {" x ".join(shapes.get(n, n) for n in names)} '
+                     f'(contracting {lhs}/{rhs})')
+      descriptions[name] = 'dot ' + '; '.join(parts)
+    else:
+      kinds = collections.Counter(re.findall(r'= \S+ ([a-z\-]+)\(', body))
+      descriptions[name] = f'{shape} {",".join(kind for kind, _ in kinds.most_common(5))}'
+  return descriptions
+
+
+def read_trace(trace_dir: str) -> list[dict]:
+  paths = glob.glob(os.path.join(trace_dir, '**', '*perfetto_trace.json.gz'), recursive=True)
+  if not paths:
+    raise FileNotFoundError(f'No Perfetto trace under {trace_dir}.')
+  with gzip.open(paths[0]) as f:
+    trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  return [event for event in events
+          if event.get('ph') == 'X' and not event['name'].startswith('$')
+          and not event['name'].startswith(RUNTIME_EVENTS)]
+
+
+def describe(name: str, descriptions: dict[str, str]) -> str:
+  return descriptions.get(name, re.sub(r'\.\d+$', '', name))
+
+
+def summed_times(events: list[dict], descriptions: dict[str, str]) -> list[dict]:
+  total, count = collections.Counter(), collections.Counter()
+  for event in events:
+    key = describe(event['name'], descriptions)
+    total[key] += event['dur']
+    count[key] += 1
+  return [{'ms': micros / 1e3, 'count': count[key], 'mean_ms': micros / 1e3 / count[key],
+           'operation': key[:150]} for key, micros in total.most_common()]
+
+
+def occupancy(events: list[dict], descriptions: dict[str, str]) -> tuple[list[dict], list[dict]]:
+  """Split the traced span by how many dots and other operations ran, and sum the time each
+  non-dot operation ran alone."""
+  is_dot = [describe(event['name'], descriptions).startswith('dot') for event in events]
+  edges = sorted([(event['ts'], 1, i) for i, event in enumerate(events)]
+                 + [(event['ts'] + event['dur'], -1, i) for i, event in enumerate(events)])
+  states, alone = collections.Counter(), collections.Counter()
+  active: set[int] = set()
+  last = edges[0][0]
+  for time_point, change, index in edges:
+    dots = sum(is_dot[i] for i in active)
+    states[(min(dots, 2), min(len(active) - dots, 2))] += time_point - last
+    if len(active) == 1:
+      (only,) = active
+      if not is_dot[only]:
+        alone[describe(events[only]['name'], descriptions)] += time_point - last
+    last = time_point
+    if change > 0:
+      active.add(index)
+    else:
+      active.discard(index)
+  state_rows = [{'dots': dots, 'others': others, 'ms': micros / 1e3}
+                for (dots, others), micros in sorted(states.items())]
+  alone_rows = [{'ms': micros / 1e3, 'operation': key[:150]}
+                for key, micros in alone.most_common()]
+  return state_rows, alone_rows
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import jax
+
+  from clamp_jax import parallel, train
+  from clamp_jax import step as step_lib
+
+  config = step_bench.point_config(step_bench.benchmark_config(_CONFIG.value, _DTYPE.value),
+                                   _BATCH_SIZE.value, _CAPTION_LENGTH.value)
+  mesh, model, trainable, optimizer = step_bench.build_training_state(config)
+  llm_config = model.text_tower.llm.config
+  host_batch = common.synthetic_batch(_BATCH_SIZE.value, _CAPTION_LENGTH.value,
+                                      config.model.vit.image_size, llm_config.vocab_size)
+  batch = parallel.place_batch(host_batch, mesh, config.mesh.rules)
+  train_step = train.make_train_step(model, optimizer, trainable, config, mesh, batch)
+  frozen, mutable = step_lib.split_state(model, optimizer, train_step.frozen_filter)
+  print('compiling ...', file=sys.stderr, flush=True)
+  compiled = train_step.function.lower(frozen, mutable, batch).compile()
+  del frozen, mutable
+  descriptions = operation_descriptions(compiled.as_text())
+  run = step_lib.CompiledStep(compiled, train_step.frozen_filter)
+
+  def run_step() -> None:
+    metrics = run(model, optimizer, batch)
+    jax.block_until_ready((run.held.mutable, metrics))
+
+  run_step()
+  seconds, faults = [], []
+  for _ in range(_STEPS.value):
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    run_step()
+    seconds.append(time.perf_counter() - start)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
+
+  trace_dir = _TRACE_DIR.value or tempfile.mkdtemp(prefix='clamp_profile_')
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    run_step()
+  events = read_trace(trace_dir)
+  span_ms = (max(e['ts'] + e['dur'] for e in events) - min(e['ts'] for e in events)) / 1e3
+  state_rows, alone_rows = occupancy(events, descriptions)
+
+  print(f'batch {_BATCH_SIZE.value}, caption length {_CAPTION_LENGTH.value}, {_DTYPE.value}; '
+        f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r}')
+  print(f'step seconds: {", ".join(f"{s:.3f}" for s in seconds)} '
+        f'(median {statistics.median(seconds):.3f})')
+  print(f'minor page faults per step: {", ".join(str(f) for f in faults)}')
+  print(f'traced step: {span_ms:.0f} ms from the first operation to the last; trace in '
+        f'{trace_dir}\n')
+  print('Time summed over threads, by operation')
+  print(common.format_table(summed_times(events, descriptions)[:_TOP.value],
+                            [('ms', 'ms', '.1f'), ('count', 'count', 'd'),
+                             ('mean_ms', 'mean ms', '.2f'), ('operation', 'operation', 's')]))
+  print('\nWall time of the traced step by what ran (2 means 2 or more)')
+  print(common.format_table(state_rows, [('dots', 'dots', 'd'), ('others', 'other operations', 'd'),
+                                         ('ms', 'ms', '.0f')]))
+  print('\nOperations other than dots that ran alone')
+  print(common.format_table(alone_rows[:_TOP.value], [('ms', 'ms', '.1f'),
+                                                      ('operation', 'operation', 's')]))
+
+
+if __name__ == '__main__':
+  app.run(main)
