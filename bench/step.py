@@ -223,7 +223,7 @@ def main(argv: list[str]) -> None:
     sys.exit(f'error: {e}')
 
   if _CPU_DEVICES.value:
-    from clamp_jax.main import simulate_cpu_devices
+    from clamp_jax.distributed import simulate_cpu_devices
 
     simulate_cpu_devices(_CPU_DEVICES.value)
   import jax

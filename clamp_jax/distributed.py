@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import jax
 import ml_collections
@@ -56,3 +57,16 @@ def maybe_initialize(config: ml_collections.ConfigDict) -> bool:
   logging.info('Process %d of %d; %d local of %d devices.', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+def simulate_cpu_devices(count: int) -> None:
+  """Make JAX start with `count` CPU devices. Works only before JAX's backends start."""
+  from jax._src import xla_bridge
+
+  if xla_bridge.backends_are_initialized():
+    sys.exit('error: JAX started before the simulated CPU device count could be set.')
+  flags_value = os.environ.get('XLA_FLAGS', '')
+  flags_value = ' '.join(flag for flag in flags_value.split()
+                         if not flag.startswith('--xla_force_host_platform_device_count'))
+  os.environ['XLA_FLAGS'] = f'{flags_value} --xla_force_host_platform_device_count={count}'
+  jax.config.update('jax_platforms', 'cpu')

@@ -47,6 +47,8 @@ def main(argv: list[str]) -> None:
   _quiet_library_logs()
   logging.info('Config:\n%s', config)
   if config.mode == 'plan' and config.plan.devices > 0 and not config.plan.topology:
+    from clamp_jax.distributed import simulate_cpu_devices
+
     simulate_cpu_devices(config.plan.devices)
 
   # Imported after validation so that a bad config fails fast, before JAX starts.
@@ -58,20 +60,6 @@ def main(argv: list[str]) -> None:
     modes.run(config, workdir)
   except (MeshError, WeightLoadError, DataQualityError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
-
-
-def simulate_cpu_devices(count: int) -> None:
-  """Make JAX start with `count` CPU devices. Works only before JAX's backends start."""
-  import jax
-  from jax._src import xla_bridge
-
-  if xla_bridge.backends_are_initialized():
-    sys.exit('error: JAX started before the simulated CPU device count could be set.')
-  flags_value = os.environ.get('XLA_FLAGS', '')
-  flags_value = ' '.join(flag for flag in flags_value.split()
-                         if not flag.startswith('--xla_force_host_platform_device_count'))
-  os.environ['XLA_FLAGS'] = f'{flags_value} --xla_force_host_platform_device_count={count}'
-  jax.config.update('jax_platforms', 'cpu')
 
 
 class _OwnInfoOnly(logging.Filter):
