@@ -8,10 +8,11 @@ takes, then traces one more step with `jax.profiler` (a Perfetto trace) and prin
 - the wall time of the traced step split by what ran: nothing, only other operations, or dots;
 - the operations that ran alone (one core idle) the longest.
 
-    python bench/profile_step.py --batch_size=32 --caption_length=32
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python bench/profile_step.py --batch_size=32
+    python bench/profile_step.py --batch_size=32 --caption_length=32 --steps=3
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python bench/profile_step.py --batch_size=32 --steps=3
 
-`--config.*` overrides any config field, as in `bench/step.py`.
+It takes `bench/step.py`'s flags (`--config`, `--config.*`, `--batch_size`, `--caption_length`,
+`--dtype`, `--steps`, `--cpu_devices`) plus `--top` and `--trace_dir`.
 """
 
 from __future__ import annotations
@@ -29,23 +30,12 @@ import tempfile
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import common
 import step as step_bench
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(REPOSITORY, 'configs', 'smollm2_digits.py'),
-    'ml_collections config file of the model; --config.FIELD=VALUE overrides a field.',
-    lock_config=True)
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Image-caption pairs per step.')
-_CAPTION_LENGTH = flags.DEFINE_integer('caption_length', 32,
-                                       'Tokens per caption, padding included.')
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
-                           'Compute dtype of both towers.')
-_STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps before the traced one.')
 _TOP = flags.DEFINE_integer('top', 25, 'Rows of each table.')
 _TRACE_DIR = flags.DEFINE_string('trace_dir', '',
                                  'Folder for the trace; empty: a new temporary folder.')
@@ -75,7 +65,10 @@ def operation_descriptions(hlo_text: str) -> dict[str, str]:
       descriptions[name] = 'dot ' + '; '.join(parts)
     else:
       kinds = collections.Counter(re.findall(r'= \S+ ([a-z\-]+)\(', body))
-      descriptions[name] = f'{shape} {",".join(kind for kind, _ in kinds.most_common(5))}'
+      # A dot with batch dimensions (attention) lists them before its contracting ones.
+      prefix = 'dot (batched) ' if 'dot' in kinds else ''
+      descriptions[name] = (f'{prefix}{shape} '
+                            f'{",".join(kind for kind, _ in kinds.most_common(5))}')
   return descriptions
 
 
@@ -136,16 +129,25 @@ def occupancy(events: list[dict], descriptions: dict[str, str]) -> tuple[list[di
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if step_bench._CPU_DEVICES.value:  # pylint: disable=protected-access
+    from clamp_jax.distributed import simulate_cpu_devices
+
+    simulate_cpu_devices(step_bench._CPU_DEVICES.value)  # pylint: disable=protected-access
   import jax
 
   from clamp_jax import parallel, train
   from clamp_jax import step as step_lib
 
-  config = step_bench.point_config(step_bench.benchmark_config(_CONFIG.value, _DTYPE.value),
-                                   _BATCH_SIZE.value, _CAPTION_LENGTH.value)
+  # pylint: disable=protected-access
+  dtype, steps = step_bench._DTYPE.value, step_bench._STEPS.value
+  config = step_bench.benchmark_config(step_bench._CONFIG.value, dtype)
+  batch_size = step_bench._BATCH_SIZE.value or config.train.batch_size
+  caption_length = step_bench._CAPTION_LENGTH.value or config.data.max_length
+  # pylint: enable=protected-access
+  config = step_bench.point_config(config, batch_size, caption_length)
   mesh, model, trainable, optimizer = step_bench.build_training_state(config)
   llm_config = model.text_tower.llm.config
-  host_batch = common.synthetic_batch(_BATCH_SIZE.value, _CAPTION_LENGTH.value,
+  host_batch = common.synthetic_batch(batch_size, caption_length,
                                       config.model.vit.image_size, llm_config.vocab_size)
   batch = parallel.place_batch(host_batch, mesh, config.mesh.rules)
   train_step = train.make_train_step(model, optimizer, trainable, config, mesh, batch)
@@ -162,7 +164,7 @@ def main(argv: list[str]) -> None:
 
   run_step()
   seconds, faults = [], []
-  for _ in range(_STEPS.value):
+  for _ in range(steps):
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     run_step()
@@ -176,7 +178,8 @@ def main(argv: list[str]) -> None:
   span_ms = (max(e['ts'] + e['dur'] for e in events) - min(e['ts'] for e in events)) / 1e3
   state_rows, alone_rows = occupancy(events, descriptions)
 
-  print(f'batch {_BATCH_SIZE.value}, caption length {_CAPTION_LENGTH.value}, {_DTYPE.value}; '
+  print(f'batch {batch_size}, caption length {caption_length}, {dtype}, '
+        f'{jax.device_count()} device(s); '
         f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r}')
   print(f'step seconds: {", ".join(f"{s:.3f}" for s in seconds)} '
         f'(median {statistics.median(seconds):.3f})')
