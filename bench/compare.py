@@ -31,9 +31,9 @@ import common
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPOSITORY = os.path.dirname(BENCH)
-# glibc (2.35 and later) then asks for transparent huge pages for the large blocks it maps. XLA:CPU
-# allocates a step's temporaries afresh each step; with 4 KiB pages the kernel faults in and zeroes
-# each page again, about 950,000 faults per step of the default config.
+# With this tunable, glibc 2.35 and later requests transparent huge pages for the large blocks it
+# maps. XLA:CPU allocates a step's temporaries afresh each step, and with 4 KiB pages the kernel
+# faults in and zeroes each page again: about 950,000 faults per step of the default config.
 HUGEPAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
 
 SUMMARY_COLUMNS = [

@@ -146,9 +146,9 @@ class Checkpointer:
 
   def close(self) -> None:
     """Wait for pending work and release the manager's threads."""
-    # Orbax removes unfinished temporary directories of earlier runs in a thread started with the
-    # manager, and its close() does not wait for that thread; an interpreter exit while it runs
-    # prints a traceback, so wait for it here.
+    # Orbax removes unfinished temporary directories of earlier runs in a thread that the manager
+    # starts, and its close() does not wait for that thread. An interpreter exit while the thread
+    # runs prints a traceback, so wait for it here.
     cleanup = getattr(self.manager, '_cleanup_tmp_directory_future', None)
     if cleanup is not None:
       cleanup.result()

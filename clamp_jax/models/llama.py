@@ -54,9 +54,9 @@ class LlamaConfig:
   remat: str = 'none'
   # Run the decoder layers as one `jax.lax.scan` (compile time flat in depth) when not decoding.
   scan_layers: bool = False
-  # Attention kernel: 'einsum' (two einsums and a float32 softmax), 'xla' or 'cudnn'
-  # (`jax.nn.dot_product_attention` with that implementation; cuDNN needs an NVIDIA GPU and
-  # bfloat16 or float16 compute).
+  # Attention kernel: 'einsum' (two einsums and a float32 softmax), or 'xla' or 'cudnn' for
+  # `jax.nn.dot_product_attention` with that implementation. cuDNN needs an NVIDIA GPU and
+  # bfloat16 or float16 compute.
   attention: str = 'einsum'
 
   @property
@@ -227,9 +227,9 @@ class Attention(nnx.Module):
     if self.kernel == 'einsum':
       out = self.einsum_attention(q, k, v, mask)
     else:
-      # Query head h reads key-value head h // groups, the grouping the einsum path uses.
-      # NOTE: rows with every key masked (padding queries) are only checked with 'xla', where they
-      # give uniform weights as in the einsum path; no GPU was at hand to check 'cudnn'.
+      # Query head h reads key-value head h // groups, as in the einsum path.
+      # NOTE: with 'xla', a row with every key masked (a padding query) gets uniform weights, as in
+      # the einsum path. The tests run on CPU, so 'cudnn' is untested here.
       out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
                                          mask=mask.astype(bool), implementation=self.kernel)
     out = out.reshape(batch, length, self.num_heads * self.head_dim)

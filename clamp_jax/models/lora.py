@@ -31,8 +31,8 @@ class LoRAConfig:
 
 
 # Random bits per dropout decision. Each 32-bit draw gives two 16-bit numbers, which halves the
-# random-number work, a sizeable part of a CPU step; the keep probability is rounded to a multiple
-# of 2**-16 (0.9 becomes 0.8999939) and the scale uses the rounded value, so E[dropout(x)] = x.
+# random-number work, a sizeable part of a CPU step. The keep probability is rounded to a multiple
+# of 2**-16 (0.9 becomes 0.8999939), and the scale uses the rounded value, so E[dropout(x)] = x.
 DROPOUT_BITS = 16
 
 
@@ -51,8 +51,8 @@ class HalfWordDropout(nnx.Dropout):
 
 
 def keep_mask(key: jax.Array, keep_probability: float, shape: tuple[int, ...]):
-  """A boolean mask of `shape`, True with probability `keep_probability` rounded to a multiple of
-  2**-16, and that rounded probability.
+  """Draw a boolean mask of `shape`, True with probability `keep_probability` rounded to a
+  multiple of 2**-16; return it and the rounded probability.
 
   The last axis takes two mask entries per 32-bit word, so the leading axes (and their sharding)
   stay as they are.
