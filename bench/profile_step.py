@@ -135,9 +135,6 @@ def main(argv: list[str]) -> None:
     simulate_cpu_devices(step_bench._CPU_DEVICES.value)  # pylint: disable=protected-access
   import jax
 
-  from clamp_jax import parallel, train
-  from clamp_jax import step as step_lib
-
   # pylint: disable=protected-access
   dtype, steps = step_bench._DTYPE.value, step_bench._STEPS.value
   config = step_bench.benchmark_config(step_bench._CONFIG.value, dtype)
@@ -146,21 +143,10 @@ def main(argv: list[str]) -> None:
   # pylint: enable=protected-access
   config = step_bench.point_config(config, batch_size, caption_length)
   mesh, model, trainable, optimizer = step_bench.build_training_state(config)
-  llm_config = model.text_tower.llm.config
-  host_batch = common.synthetic_batch(batch_size, caption_length,
-                                      config.model.vit.image_size, llm_config.vocab_size)
-  batch = parallel.place_batch(host_batch, mesh, config.mesh.rules)
-  train_step = train.make_train_step(model, optimizer, trainable, config, mesh, batch)
-  frozen, mutable = step_lib.split_state(model, optimizer, train_step.frozen_filter)
   print('compiling ...', file=sys.stderr, flush=True)
-  compiled = train_step.function.lower(frozen, mutable, batch).compile()
-  del frozen, mutable
-  descriptions = operation_descriptions(compiled.as_text())
-  run = step_lib.CompiledStep(compiled, train_step.frozen_filter)
-
-  def run_step() -> None:
-    metrics = run(model, optimizer, batch)
-    jax.block_until_ready((run.held.mutable, metrics))
+  prepared = step_bench.compile_point(config, mesh, model, trainable, optimizer)
+  descriptions = operation_descriptions(prepared.compiled.as_text())
+  run_step = prepared.run_step
 
   run_step()
   seconds, faults = [], []

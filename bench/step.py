@@ -18,6 +18,7 @@ compiler's cost analysis, MFU and peak resident memory. The last line is one JSO
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -106,13 +108,24 @@ def cost_analysis_flops(compiled) -> float | None:
   return float(flops) if flops else None
 
 
-def time_point(config, mesh, model, trainable, optimizer, *, steps: int,
-               warmup: int, peak_gflops: float) -> dict:
-  """Compile the step for `config.train.batch_size` and `config.data.max_length`, then time it."""
-  import jax
-  from flax import nnx
+@dataclasses.dataclass
+class CompiledPoint:
+  """The step compiled for one batch size and caption length, with its synthetic batch."""
 
-  from clamp_jax import parallel, plan, train
+  host_batch: dict
+  compiled: object
+  run: object  # clamp_jax.step.CompiledStep around `compiled`.
+  run_step: Callable[[], dict]  # One step, blocked until its outputs are ready.
+  lower_seconds: float
+  compile_seconds: float
+
+
+def compile_point(config, mesh, model, trainable, optimizer) -> CompiledPoint:
+  """Compile the step for `config.train.batch_size` and `config.data.max_length` on a
+  synthetic batch of that shape."""
+  import jax
+
+  from clamp_jax import parallel, train
   from clamp_jax import step as step_lib
 
   batch_size, caption_length = config.train.batch_size, config.data.max_length
@@ -132,6 +145,27 @@ def time_point(config, mesh, model, trainable, optimizer, *, steps: int,
   compiled = lowered.compile()
   compiled_at = time.perf_counter()
   del frozen, mutable
+  run = step_lib.CompiledStep(compiled, train_step.frozen_filter)
+
+  def run_step() -> dict:
+    metrics = run(model, optimizer, batch)
+    jax.block_until_ready((run.inputs.mutable, metrics))
+    return metrics
+
+  return CompiledPoint(host_batch, compiled, run, run_step, lowered_at - start,
+                       compiled_at - start)
+
+
+def time_point(config, mesh, model, trainable, optimizer, *, steps: int,
+               warmup: int, peak_gflops: float) -> dict:
+  """Compile the step for `config.train.batch_size` and `config.data.max_length`, then time it."""
+  import jax
+
+  from clamp_jax import plan
+
+  prepared = compile_point(config, mesh, model, trainable, optimizer)
+  host_batch, compiled, run_step = prepared.host_batch, prepared.compiled, prepared.run_step
+  batch_size, caption_length = config.train.batch_size, config.data.max_length
   if config.model.scan_layers:
     # XLA counts a scanned layer once, so take the FLOPs of unrolled copies (see plan.step_flops).
     flops = plan.step_flops(config)
@@ -139,13 +173,6 @@ def time_point(config, mesh, model, trainable, optimizer, *, steps: int,
     # The cost analysis of a partitioned program counts one device's share.
     flops = cost_analysis_flops(compiled)
     flops = flops * mesh.size if flops else flops
-
-  run = step_lib.CompiledStep(compiled, train_step.frozen_filter)
-
-  def run_step() -> dict:
-    metrics = run(model, optimizer, batch)
-    jax.block_until_ready((run.held.mutable, metrics))
-    return metrics
 
   first_start = time.perf_counter()
   run_step()
@@ -157,7 +184,7 @@ def time_point(config, mesh, model, trainable, optimizer, *, steps: int,
     start_step = time.perf_counter()
     metrics = run_step()
     step_seconds.append(time.perf_counter() - start_step)
-  host_state_seconds = time_state_round_trip(run, model, optimizer)
+  host_state_seconds = time_state_round_trip(prepared.run, model, optimizer)
   loss = float(jax.device_get(metrics['train/loss']))
   if not math.isfinite(loss):
     logging.warning('train/loss is %s after the timed steps; the timing may not be typical.',
@@ -169,8 +196,8 @@ def time_point(config, mesh, model, trainable, optimizer, *, steps: int,
       'caption_length': caption_length,
       'tokens_per_sample': tokens_per_sample,
       'real_caption_tokens_per_sample': float(host_batch['attention_mask'].sum(axis=1).mean()),
-      'lower_seconds': lowered_at - start,
-      'compile_seconds': compiled_at - start,
+      'lower_seconds': prepared.lower_seconds,
+      'compile_seconds': prepared.compile_seconds,
       'first_step_seconds': first_step_seconds,
       'host_state_seconds': host_state_seconds,
       'step_seconds': step_seconds,
@@ -183,15 +210,15 @@ def time_point(config, mesh, model, trainable, optimizer, *, steps: int,
 
 
 def time_state_round_trip(run, model, optimizer, repeats: int = 10) -> float:
-  """Median seconds of the step's host work alone: checking that the held input states are
-  current and writing a step's output states into the model and optimizer."""
-  held = run.held
+  """Return the median seconds of the step's host work alone: checking that the kept input
+  states are current and writing a step's output states into the model and optimizer."""
+  inputs = run.inputs
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    if not held.current(model, optimizer):
-      raise RuntimeError('The held step state went stale between timed steps.')
-    held.write_back(*held.mutable)
+    if not inputs.current(model, optimizer):
+      raise RuntimeError('The step inputs went stale between timed steps.')
+    inputs.write_back(*inputs.mutable)
     times.append(time.perf_counter() - start)
   return statistics.median(times)
 

@@ -211,19 +211,19 @@ class CompiledStep:
 
   function: Callable
   frozen_filter: object
-  held: HeldState | None = dataclasses.field(default=None, init=False, repr=False)
+  inputs: StepInputs | None = dataclasses.field(default=None, init=False, repr=False)
 
   def __call__(self, model, optimizer, batch: dict) -> dict:
-    held = self.held
-    if held is None or not held.current(model, optimizer):
-      held = self.held = HeldState.split(model, optimizer, self.frozen_filter)
-    (model_state, optimizer_state), metrics = self.function(held.frozen, held.mutable, batch)
-    held.write_back(model_state, optimizer_state)
+    inputs = self.inputs
+    if inputs is None or not inputs.current(model, optimizer):
+      inputs = self.inputs = StepInputs.split(model, optimizer, self.frozen_filter)
+    (model_state, optimizer_state), metrics = self.function(inputs.frozen, inputs.mutable, batch)
+    inputs.write_back(model_state, optimizer_state)
     return metrics
 
 
 @dataclasses.dataclass
-class HeldState:
+class StepInputs:
   """The step's input states and, per state leaf, the module variable it mirrors."""
 
   module: object
@@ -232,29 +232,32 @@ class HeldState:
   mutable: tuple[nnx.State, nnx.State]
   frozen_pairs: list  # (module variable, the array the frozen state passes for it)
   mutable_vars: list  # The module variables of the mutable states' leaves, in state order.
+  mutable_arrays: list  # The mutable states' arrays, in the order of `mutable_vars`.
 
   @classmethod
-  def split(cls, model, optimizer, frozen_filter) -> HeldState:
+  def split(cls, model, optimizer, frozen_filter) -> StepInputs:
     frozen, mutable = split_state(model, optimizer, frozen_filter)
     model_vars, optimizer_vars = _variables_by_path(model), _variables_by_path(optimizer)
     frozen_pairs = [(model_vars[path], leaf.get_raw_value())
                     for path, leaf in nnx.to_flat_state(frozen)]
     mutable_vars = ([model_vars[path] for path, _ in nnx.to_flat_state(mutable[0])]
                     + [optimizer_vars[path] for path, _ in nnx.to_flat_state(mutable[1])])
-    return cls(model, optimizer, frozen, mutable, frozen_pairs, mutable_vars)
+    return cls(model, optimizer, frozen, mutable, frozen_pairs, mutable_vars, _arrays(mutable))
 
   def current(self, model, optimizer) -> bool:
     """Check that every variable still contains the array this state passes for it."""
     if model is not self.module or optimizer is not self.optimizer:
       return False
-    mutable_arrays = _arrays(self.mutable)
-    return (all(var.get_raw_value() is array for var, array in self.frozen_pairs)
-            and all(var.get_raw_value() is array
-                    for var, array in zip(self.mutable_vars, mutable_arrays, strict=True)))
+    frozen_current = all(var.get_raw_value() is array for var, array in self.frozen_pairs)
+    return frozen_current and all(
+        var.get_raw_value() is array
+        for var, array in zip(self.mutable_vars, self.mutable_arrays, strict=True))
 
   def write_back(self, model_state: nnx.State, optimizer_state: nnx.State) -> None:
+    """Keep the step's output states as the next inputs and put their arrays in the variables."""
     self.mutable = (model_state, optimizer_state)
-    for var, array in zip(self.mutable_vars, _arrays(self.mutable), strict=True):
+    self.mutable_arrays = _arrays(self.mutable)
+    for var, array in zip(self.mutable_vars, self.mutable_arrays, strict=True):
       var.set_raw_value(array)
 
 

@@ -199,7 +199,7 @@ def test_train_dropout_varies_model():
   assert not np.array_equal(first, second)
 
 
-def test_half_word_dropout_keeps_the_rate_and_the_mean():
+def test_half_word_dropout_rate_and_mean():
   dropout = HalfWordDropout(0.1, rngs=nnx.Rngs(dropout=0))
   x = jnp.ones((64, 56, 576))
   first, second = np.asarray(dropout(x)), np.asarray(dropout(x))
