@@ -6,7 +6,9 @@ of `--ours_dtypes` and `--ours_cpu_devices`, then `bench/reference_torch.py` at 
 children's own tables stream through. The summary prints our samples/s, the reference's samples/s
 at float32 and at its fastest precision, and the lines
 
-    ratio_same_precision: X   (our fastest float32 run / the reference at float32)
+    ratio_float32: X          (our fastest float32 run / the reference at float32)
+    ratio_bfloat16: X         (our fastest bfloat16 run / the reference's fastest bf16 mode)
+    ratio_same_precision: X   (the larger of those two)
     ratio_fastest: X          (our fastest run / the reference's fastest)
 
 followed by one JSON line. `--sweep` times our step at several batch sizes and caption lengths
@@ -39,6 +41,7 @@ HUGEPAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
 SUMMARY_COLUMNS = [
     ('implementation', 'implementation', 's'),
     ('precision', 'precision', 's'),
+    ('matmul', 'matmul', 's'),
     ('device_count', 'devices', 'd'),
     ('batch_size', 'batch', 'd'),
     ('caption_length', 'caption tokens', 'd'),
@@ -70,6 +73,10 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
 
   parser.add_argument('--ours_dtypes', default='float32,bfloat16',
                       help='Comma-separated compute dtypes of our step.')
+  parser.add_argument('--ours_matmul', default='xla',
+                      help="Comma-separated matmul backends of our step's LLM "
+                           "(config.model.matmul: xla, onednn). Each dtype runs with each; "
+                           'onednn needs the cpu-bf16 extra.')
   parser.add_argument('--ours_cpu_devices', default='0',
                       help='Comma-separated CPU device counts of our step (bench/step.py '
                            "--cpu_devices); 0: the devices JAX finds, 'cores': one device per "
@@ -171,6 +178,7 @@ def summary_row(result: dict, point: dict) -> dict:
   ours = result['framework'] == 'jax'
   return {'implementation': 'ours (JAX)' if ours else 'reference (PyTorch)',
           'precision': result['dtype'] if ours else result['precision'],
+          'matmul': result.get('matmul_backend', 'xla') if ours else 'torch',
           'device_count': result.get('device_count'),
           'peak_gflops': result['peak_gflops'], 'process_seconds': result['wall_seconds'],
           **point}
@@ -198,9 +206,12 @@ def samples_ratio(numerator: dict | None, denominator: dict | None) -> float | N
 
 def compare(args: argparse.Namespace, passthrough: list[str], out_dir: str) -> int:
   flags = common_flags(args, passthrough)
-  runs = [('step.py', [*flags, f'--dtype={dtype}', f'--cpu_devices={devices}'],
-           f'ours {dtype} on {devices or "default"} devices', f'ours_{dtype}_{devices}.json')
+  runs = [('step.py', [*flags, f'--dtype={dtype}', f'--cpu_devices={devices}',
+                       f'--config.model.matmul={matmul}'],
+           f'ours {dtype} with {matmul} matmuls on {devices or "default"} devices',
+           f'ours_{dtype}_{matmul}_{devices}.json')
           for devices in cpu_device_counts(args.ours_cpu_devices)
+          for matmul in args.ours_matmul.split(',')
           for dtype in args.ours_dtypes.split(',')]
   reference_flags = [*flags, f'--threads={args.reference_threads}']
   runs += [('reference_torch.py', [*reference_flags, f'--precision={precision}'],
@@ -220,23 +231,33 @@ def compare(args: argparse.Namespace, passthrough: list[str], out_dir: str) -> i
   reference = [row for row in rows if row['implementation'].startswith('reference')]
   ours_float32 = fastest([row for row in ours if row['precision'] == 'float32'])
   reference_float32 = next((row for row in reference if row['precision'] == 'float32'), None)
+  ours_bfloat16 = fastest([row for row in ours if row['precision'] == 'bfloat16'])
+  reference_bfloat16 = fastest([row for row in reference if row['precision'].startswith('bf16')])
   ours_fastest, reference_fastest = fastest(ours), fastest(reference)
-  ratio_same = samples_ratio(ours_float32, reference_float32)
+  ratio_float32 = samples_ratio(ours_float32, reference_float32)
+  ratio_bfloat16 = samples_ratio(ours_bfloat16, reference_bfloat16)
+  known = [ratio for ratio in (ratio_float32, ratio_bfloat16) if ratio is not None]
+  ratio_same = max(known) if known else None
   ratio_fastest = samples_ratio(ours_fastest, reference_fastest)
 
   print('\nCLAMP training step, ours against the PyTorch reference, on '
         f'{len(os.sched_getaffinity(0))} CPUs')
   print(common.format_table(rows, SUMMARY_COLUMNS))
   print()
-  print(f'ours_samples_per_second: {show_rate(ours_float32)}')
+  print(f'ours_samples_per_second_float32: {show_rate(ours_float32)}')
+  print(f'ours_samples_per_second_bfloat16: {show_rate(ours_bfloat16)}')
   print(f'ours_fastest_samples_per_second: {show_rate(ours_fastest)}')
-  print(f'reference_samples_per_second_same_precision: {show_rate(reference_float32)}')
+  print(f'reference_samples_per_second_float32: {show_rate(reference_float32)}')
+  print(f'reference_samples_per_second_bfloat16: {show_rate(reference_bfloat16)}')
   print(f'reference_samples_per_second_fastest: {show_rate(reference_fastest)}')
+  print(f'ratio_float32: {show_ratio(ratio_float32)}')
+  print(f'ratio_bfloat16: {show_ratio(ratio_bfloat16)}')
   print(f'ratio_same_precision: {show_ratio(ratio_same)}')
   print(f'ratio_fastest: {show_ratio(ratio_fastest)}')
   if failed:
     print(f'failed: {", ".join(failed)}', file=sys.stderr)
-  print(json.dumps({'mode': 'compare', 'rows': rows, 'ratio_same_precision': ratio_same,
+  print(json.dumps({'mode': 'compare', 'rows': rows, 'ratio_float32': ratio_float32,
+                    'ratio_bfloat16': ratio_bfloat16, 'ratio_same_precision': ratio_same,
                     'ratio_fastest': ratio_fastest, 'failed': failed, 'out_dir': out_dir}))
   return 1 if failed else 0
 

@@ -19,8 +19,10 @@ import jax.numpy as jnp
 DTYPES = ('float32', 'bfloat16')
 
 
-def measure_matmul_rate(dtype: str, size: int = 2048, repeats: int = 7) -> dict:
-  """Time `jnp.dot` of two `[size, size]` matrices of `dtype`, output in the same dtype.
+def measure_matmul_rate(dtype: str, size: int = 2048, repeats: int = 7,
+                        backend: str = 'xla') -> dict:
+  """Time `jnp.dot` (or with `backend='onednn'`, `clamp_jax.models.onednn.matmul`) of two
+  `[size, size]` matrices of `dtype`, output in the same dtype.
 
   Returns the median of `repeats` timed calls after one warm-up call, in seconds and GFLOP/s
   (`2 * size**3` FLOPs per call). It also returns the largest difference from a float32 product
@@ -31,7 +33,12 @@ def measure_matmul_rate(dtype: str, size: int = 2048, repeats: int = 7) -> dict:
   a32 = jax.random.normal(key_a, (size, size), jnp.float32)
   b32 = jax.random.normal(key_b, (size, size), jnp.float32)
   a, b = a32.astype(dtype), b32.astype(dtype)
-  dot = jax.jit(jnp.dot)
+  if backend == 'onednn':
+    from clamp_jax.models import onednn
+
+    dot = jax.jit(onednn.matmul)
+  else:
+    dot = jax.jit(jnp.dot)
   product = dot(a, b).block_until_ready()
   times = []
   for _ in range(repeats):
@@ -42,7 +49,8 @@ def measure_matmul_rate(dtype: str, size: int = 2048, repeats: int = 7) -> dict:
   exact = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32),
                   precision=jax.lax.Precision.HIGHEST)
   error = float(jnp.max(jnp.abs(product.astype(jnp.float32) - exact)) / jnp.max(jnp.abs(exact)))
-  return {'dtype': dtype, 'size': size, 'repeats': repeats, 'seconds': seconds,
+  return {'dtype': dtype, 'backend': backend, 'size': size, 'repeats': repeats,
+          'seconds': seconds,
           'gflops': 2 * size ** 3 / seconds / 1e9, 'max_relative_error': error}
 
 

@@ -114,6 +114,9 @@ class CompiledPoint:
 
   host_batch: dict
   compiled: object
+  # FLOPs of the products that run outside XLA (model.matmul='onednn'), which XLA's cost
+  # analysis does not count.
+  callback_flops: float
   run: object  # clamp_jax.step.CompiledStep around `compiled`.
   run_step: Callable[[], dict]  # One step, blocked until its outputs are ready.
   lower_seconds: float
@@ -127,6 +130,7 @@ def compile_point(config, mesh, model, trainable, optimizer) -> CompiledPoint:
 
   from clamp_jax import parallel, train
   from clamp_jax import step as step_lib
+  from clamp_jax.models import onednn
 
   batch_size, caption_length = config.train.batch_size, config.data.max_length
   llm_config = model.text_tower.llm.config
@@ -140,7 +144,8 @@ def compile_point(config, mesh, model, trainable, optimizer) -> CompiledPoint:
 
   frozen, mutable = step_lib.split_state(model, optimizer, train_step.frozen_filter)
   start = time.perf_counter()
-  lowered = train_step.function.lower(frozen, mutable, batch)
+  with onednn.count_flops() as callback_flops:
+    lowered = train_step.function.lower(frozen, mutable, batch)
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   compiled_at = time.perf_counter()
@@ -152,7 +157,7 @@ def compile_point(config, mesh, model, trainable, optimizer) -> CompiledPoint:
     jax.block_until_ready((run.inputs.mutable, metrics))
     return metrics
 
-  return CompiledPoint(host_batch, compiled, run, run_step, lowered_at - start,
+  return CompiledPoint(host_batch, compiled, callback_flops[0], run, run_step, lowered_at - start,
                        compiled_at - start)
 
 
@@ -172,7 +177,7 @@ def time_point(config, mesh, model, trainable, optimizer, *, steps: int,
   else:
     # The cost analysis of a partitioned program counts one device's share.
     flops = cost_analysis_flops(compiled)
-    flops = flops * mesh.size if flops else flops
+    flops = flops * mesh.size + prepared.callback_flops if flops else flops
 
   first_start = time.perf_counter()
   run_step()
@@ -225,7 +230,8 @@ def time_state_round_trip(run, model, optimizer, repeats: int = 10) -> float:
 
 def matmul_table(rates: dict) -> str:
   rows = list(rates.values())
-  return common.format_table(rows, [('dtype', 'dtype', 's'), ('size', 'matrix side', 'd'),
+  return common.format_table(rows, [('dtype', 'dtype', 's'), ('backend', 'backend', 's'),
+                                    ('size', 'matrix side', 'd'),
                                     ('seconds', 'median s', '.4f'),
                                     ('gflops', 'GFLOP/s', '.1f')])
 
@@ -259,8 +265,13 @@ def main(argv: list[str]) -> None:
 
   rates = jax_matmul.measure_matmul_rates(_MATMUL_SIZE.value, _MATMUL_REPEATS.value)
   # A bfloat16 step may run some dots in float32 (XLA:CPU upcasts bfloat16 dots), so its MFU is
-  # taken against the faster of the two rates.
+  # taken against the fastest rate of any dtype (and backend) the step may use.
   peak_dtypes = ['float32'] if _DTYPE.value == 'float32' else list(jax_matmul.DTYPES)
+  if config.model.matmul == 'onednn':
+    for dtype in ('float32', _DTYPE.value):
+      rates[f'{dtype} (onednn)'] = jax_matmul.measure_matmul_rate(
+          dtype, _MATMUL_SIZE.value, _MATMUL_REPEATS.value, backend='onednn')
+      peak_dtypes.append(f'{dtype} (onednn)')
   peak_dtype = max(peak_dtypes, key=lambda dtype: rates[dtype]['gflops'])
   peak_gflops = rates[peak_dtype]['gflops']
   print(matmul_table(rates), flush=True)
@@ -292,6 +303,7 @@ def main(argv: list[str]) -> None:
       'llm': config.model.llm,
       'dtype': _DTYPE.value,
       'llm_param_dtype': config.model.llm_param_dtype,
+      'matmul_backend': config.model.matmul,
       'num_prompts': config.model.num_prompts,
       'scan_layers': config.model.scan_layers,
       'remat': config.model.remat,

@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from clamp_jax.data.pipeline import CLIP_MEAN, CLIP_STD
+from clamp_jax.models import onednn
 from clamp_jax.models.clamp import CLAMP
 from clamp_jax.models.llama import Llama, LlamaConfig
 from clamp_jax.models.lora import LoRAConfig, apply_lora
@@ -37,6 +38,15 @@ def trainable_filter(patterns) -> nnx.filterlib.Filter:
   return matches
 
 
+def require_onednn() -> None:
+  """Check, before any weight loads, that `model.matmul='onednn'` can run here."""
+  if jax.default_backend() != 'cpu':
+    raise onednn.OneDNNError(
+        f"config.model.matmul='onednn' runs on the CPU only, but JAX's backend is "
+        f"{jax.default_backend()!r}; use config.model.matmul='xla' there.")
+  onednn.library()
+
+
 def build_llm(config: ml_collections.ConfigDict, place=None):
   """Load the LLM and its tokenizer, or build a random LLM that borrows a checkpoint's tokenizer.
 
@@ -44,9 +54,11 @@ def build_llm(config: ml_collections.ConfigDict, place=None):
   `clamp_jax.parallel.sharded_placer`).
   """
   model_config = config.model
+  if model_config.matmul == 'onednn':
+    require_onednn()
   overrides = dict(dtype=model_config.llm_dtype, param_dtype=model_config.llm_param_dtype,
                    remat=model_config.remat, scan_layers=model_config.scan_layers,
-                   attention=model_config.attention)
+                   attention=model_config.attention, matmul=model_config.matmul)
   if model_config.llm == 'random':
     llm_config = LlamaConfig(**model_config.random_llm.to_dict(), **overrides)
     llm = Llama(llm_config, rngs=nnx.Rngs(config.seed))

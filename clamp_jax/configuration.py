@@ -19,6 +19,8 @@ DTYPES = ('float32', 'bfloat16')
 REMAT_CHOICES = ('none', 'full', 'dots', 'dots_no_batch')
 # Kept in step with clamp_jax.models.llama.ATTENTION_KERNELS.
 ATTENTION_KERNELS = ('einsum', 'xla', 'cudnn')
+# Kept in step with clamp_jax.models.layers.MATMUL_BACKENDS.
+MATMUL_BACKENDS = ('xla', 'onednn')
 
 
 class ConfigError(ValueError):
@@ -90,6 +92,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(config.model.attention in ATTENTION_KERNELS,
            f'config.model.attention={config.model.attention!r} is not one of '
            f'{ATTENTION_KERNELS}.')
+  _require(config.model.matmul in MATMUL_BACKENDS,
+           f'config.model.matmul={config.model.matmul!r} is not one of {MATMUL_BACKENDS}.')
   _require(config.model.remat in REMAT_CHOICES,
            f'config.model.remat={config.model.remat!r} is not one of {REMAT_CHOICES}.')
   _require(config.distributed.initialize in ('auto', 'yes', 'no'),

@@ -54,11 +54,12 @@ def main(argv: list[str]) -> None:
   # Imported after validation so that a bad config fails fast, before JAX starts.
   from clamp_jax import modes
   from clamp_jax.data import DataQualityError
+  from clamp_jax.models.onednn import OneDNNError
   from clamp_jax.parallel import MeshError
   from clamp_jax.weights import WeightLoadError
   try:
     modes.run(config, workdir)
-  except (MeshError, WeightLoadError, DataQualityError, FileNotFoundError) as e:
+  except (MeshError, WeightLoadError, DataQualityError, OneDNNError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
 
 

@@ -231,6 +231,12 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(mesh_axes if mesh_axes else None))
 
 
+def batch_mesh_axes(mesh: Mesh, rules) -> tuple[str, ...]:
+  """The mesh axes of size above 1 that split the batch dimension."""
+  return tuple(axis for axis in (rules_dict(rules).get('batch') or ())
+               if axis in mesh.shape and mesh.shape[axis] > 1)
+
+
 def batch_shards(mesh: Mesh, rules) -> int:
   """Count the ways the batch dimension is split."""
   mesh_axes = rules_dict(rules).get('batch') or ()
@@ -283,6 +289,11 @@ def activation_sharding(mesh: Mesh, rules) -> Iterator[None]:
     yield
   finally:
     _ACTIVATIONS.value = previous
+
+
+def current_activation_context() -> tuple[Mesh, object] | None:
+  """`(mesh, rules)` of the enclosing `activation_sharding`, or None outside one."""
+  return getattr(_ACTIVATIONS, 'value', None)
 
 
 def gather_for_use(weight: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

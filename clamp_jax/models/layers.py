@@ -12,7 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from clamp_jax.models import onednn
 from clamp_jax.parallel import gather_for_use
+
+# Matmul backends of `Linear`: XLA's dot, or oneDNN on the CPU (`clamp_jax.models.onednn`).
+MATMUL_BACKENDS = ('xla', 'onednn')
 
 # Rematerialisation policies by config name: which intermediates of a block the backward pass
 # keeps; everything else it recomputes.
@@ -92,8 +96,12 @@ class Linear(nnx.Module):
       dtype: jnp.dtype = jnp.float32,
       param_dtype: jnp.dtype = jnp.float32,
       stddev: float = 0.02,
+      matmul: str = 'xla',
       rngs: nnx.Rngs,
   ):
+    if matmul not in MATMUL_BACKENDS:
+      raise ValueError(f'matmul={matmul!r} is not one of {MATMUL_BACKENDS}.')
+    self.matmul = matmul
     self.in_features = in_features
     self.out_features = out_features
     self.dtype = dtype
@@ -115,7 +123,8 @@ class Linear(nnx.Module):
       raise ValueError('adapters=False was requested, but this LoRA adapter is merged into its '
                        'kernel. Call clamp_jax.models.lora.unmerge(model) first.')
     x = x.astype(self.dtype)
-    y = x @ gather_for_use(self.kernel[...].astype(self.dtype), self.axes)
+    kernel = gather_for_use(self.kernel[...].astype(self.dtype), self.axes)
+    y = onednn.matmul(x, kernel) if self.matmul == 'onednn' else x @ kernel
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if adapters and self.lora is not None and not self.lora.merged:

@@ -58,6 +58,9 @@ class LlamaConfig:
   # `jax.nn.dot_product_attention` with that implementation. cuDNN needs an NVIDIA GPU and
   # bfloat16 or float16 compute.
   attention: str = 'einsum'
+  # Matmul backend of the decoder's linear layers: 'xla', or 'onednn' for oneDNN's bfloat16 (or
+  # float32) kernels on the CPU (`clamp_jax.models.onednn`), which XLA:CPU lacks for bfloat16.
+  matmul: str = 'xla'
 
   @property
   def resolved_head_dim(self) -> int:
@@ -185,7 +188,8 @@ class Attention(nnx.Module):
       raise ValueError(
           f'num_attention_heads={self.num_heads} is not a multiple of '
           f'num_key_value_heads={self.num_kv_heads}.')
-    dims = dict(dtype=self.dtype, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
+    dims = dict(dtype=self.dtype, param_dtype=jnp.dtype(config.param_dtype),
+                matmul=config.matmul, rngs=rngs)
     hidden = config.hidden_size
     self.q_proj = Linear(hidden, self.num_heads * self.head_dim, axes=('embed', 'heads'), **dims)
     self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, axes=('embed', 'kv_heads'),
@@ -252,7 +256,8 @@ class MLP(nnx.Module):
   """SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`."""
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-    dims = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
+    dims = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
+                matmul=config.matmul, rngs=rngs)
     hidden, inner = config.hidden_size, config.intermediate_size
     self.gate_proj = Linear(hidden, inner, axes=('embed', 'mlp'), **dims)
     self.up_proj = Linear(hidden, inner, axes=('embed', 'mlp'), **dims)

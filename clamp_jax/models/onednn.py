@@ -1,0 +1,334 @@
+"""Matrix products on the CPU through oneDNN, for bfloat16 compute where XLA:CPU has no bf16 dot.
+
+XLA:CPU in jaxlib 0.10 converts both operands of a bfloat16 dot to float32 and multiplies in
+float32. oneDNN's matmul runs bfloat16 on the CPU's AVX-512 BF16 (or AMX) units at about twice the
+float32 rate. `matmul(x, w)` computes `x @ w` with oneDNN inside a jitted program through
+`jax.pure_callback`, and its gradient for `x` (`dy @ w.T`) the same way; the gradient for `w`
+is an XLA dot, which the compiler drops when `w` is frozen.
+
+The library comes from the PyPI wheel `onednn-cpu-gomp` (oneDNN 3.2 with GNU OpenMP), the
+`cpu-bf16` extra of this package. `CLAMP_ONEDNN_LIBRARY` names another `libdnnl.so.3`.
+
+Under `clamp_jax.parallel.activation_sharding` with more than one device, each device multiplies
+its own batch shard (a `shard_map` over the batch axes) with `threads_per_device` OpenMP threads,
+so two CPU devices on two cores run their products side by side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import math
+import os
+import sys
+import threading
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+from jax.experimental import buffer_callback
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from clamp_jax import parallel
+
+ENV_LIBRARY = 'CLAMP_ONEDNN_LIBRARY'
+INSTALL_HINT = ('pip install onednn-cpu-gomp==2023.2.0 (or the cpu-bf16 extra: '
+                "pip install 'clamp-jax[cpu-bf16]')")
+
+# Values of oneDNN 3.x's C API (dnnl_common_types.h and dnnl_types.h).
+_DNNL_CPU = 1
+_DNNL_STREAM_IN_ORDER = 1
+_DNNL_ARG_SRC = 1
+_DNNL_ARG_DST = 17
+_DNNL_ARG_WEIGHTS = 33
+_DNNL_ARG_SCRATCHPAD = 80
+_DNNL_QUERY_IMPL_INFO_STR = 8
+_DNNL_QUERY_SCRATCHPAD_MD = 136
+_DNNL_SCRATCHPAD_MODE_USER = 1
+_DNNL_DATA_TYPES = {np.dtype(ml_dtypes.bfloat16): 2, np.dtype(np.float32): 3}
+_MAX_DIMS = 12
+_Dims = ctypes.c_int64 * _MAX_DIMS
+
+
+class OneDNNError(RuntimeError):
+  """oneDNN is missing or refused a call."""
+
+
+class _ExecArg(ctypes.Structure):
+  _fields_ = [('arg', ctypes.c_int), ('memory', ctypes.c_void_p)]
+
+
+def _candidate_paths() -> list[str]:
+  paths = []
+  if os.environ.get(ENV_LIBRARY):
+    return [os.environ[ENV_LIBRARY]]
+  # The wheel installs its libraries under <prefix>/lib as data files.
+  for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+    paths.append(os.path.join(prefix, 'lib', 'libdnnl.so.3'))
+  found = ctypes.util.find_library('dnnl')
+  if found:
+    paths.append(found)
+  return paths
+
+
+class _Library:
+  """The loaded library, one CPU engine, and a primitive per problem shape."""
+
+  def __init__(self):
+    errors = []
+    self.dnnl = None
+    for path in _candidate_paths():
+      try:
+        self.dnnl = ctypes.CDLL(path)
+        self.path = path
+        break
+      except OSError as e:
+        errors.append(f'{path}: {e}')
+    if self.dnnl is None:
+      raise OneDNNError(
+          'model.matmul=onednn needs the oneDNN library, which was not found ('
+          + ('; '.join(errors) or 'no candidate path') + f'). Install it with {INSTALL_HINT}, '
+          f'or set {ENV_LIBRARY} to a libdnnl.so.3.')
+    self.dnnl.dnnl_primitive_desc_query.restype = ctypes.c_int
+    self.dnnl.dnnl_primitive_desc_query_md.restype = ctypes.c_void_p
+    self.dnnl.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
+    try:
+      self.gomp = ctypes.CDLL('libgomp.so.1')
+    except OSError:
+      self.gomp = None
+    self.engine = ctypes.c_void_p()
+    self._check(self.dnnl.dnnl_engine_create(ctypes.byref(self.engine), _DNNL_CPU, 0),
+                'dnnl_engine_create')
+    self._primitives: dict[tuple, tuple[ctypes.c_void_p, str]] = {}
+    self._lock = threading.Lock()
+    self._local = threading.local()
+
+  @staticmethod
+  def _check(status: int, what: str) -> None:
+    if status != 0:
+      raise OneDNNError(f'oneDNN {what} failed with status {status}.')
+
+  def _descriptor(self, rows: int, cols: int, dtype: int, transposed: bool) -> ctypes.c_void_p:
+    descriptor = ctypes.c_void_p()
+    strides = _Dims(1, rows) if transposed else _Dims(cols, 1)
+    self._check(self.dnnl.dnnl_memory_desc_create_with_strides(
+        ctypes.byref(descriptor), 2, _Dims(rows, cols), dtype, strides),
+                'dnnl_memory_desc_create_with_strides')
+    return descriptor
+
+  def primitive(self, m: int, k: int, n: int, dtype: int, transpose_w: bool):
+    key = (m, k, n, dtype, transpose_w)
+    with self._lock:
+      if key not in self._primitives:
+        descriptors = (self._descriptor(m, k, dtype, False),
+                       self._descriptor(k, n, dtype, transpose_w),
+                       self._descriptor(m, n, dtype, False))
+        # With the default (library) scratchpad, primitives share one buffer and two threads
+        # executing at once overwrite each other's; each call passes its own instead.
+        attributes = ctypes.c_void_p()
+        self._check(self.dnnl.dnnl_primitive_attr_create(ctypes.byref(attributes)),
+                    'dnnl_primitive_attr_create')
+        self._check(self.dnnl.dnnl_primitive_attr_set_scratchpad_mode(
+            attributes, _DNNL_SCRATCHPAD_MODE_USER), 'dnnl_primitive_attr_set_scratchpad_mode')
+        primitive_desc = ctypes.c_void_p()
+        self._check(self.dnnl.dnnl_matmul_primitive_desc_create(
+            ctypes.byref(primitive_desc), self.engine, descriptors[0], descriptors[1], None,
+            descriptors[2], attributes), f'matmul descriptor for [{m}, {k}] x [{k}, {n}]')
+        scratchpad = ctypes.c_void_p(self.dnnl.dnnl_primitive_desc_query_md(
+            primitive_desc, _DNNL_QUERY_SCRATCHPAD_MD, 0))
+        scratchpad_bytes = self.dnnl.dnnl_memory_desc_get_size(scratchpad) if scratchpad else 0
+        primitive = ctypes.c_void_p()
+        self._check(self.dnnl.dnnl_primitive_create(ctypes.byref(primitive), primitive_desc),
+                    'dnnl_primitive_create')
+        name = ctypes.c_char_p()
+        self.dnnl.dnnl_primitive_desc_query(primitive_desc, _DNNL_QUERY_IMPL_INFO_STR, 0,
+                                            ctypes.byref(name))
+        self._primitives[key] = (primitive, (*descriptors, scratchpad), scratchpad_bytes,
+                                 (name.value or b'').decode())
+      return self._primitives[key]
+
+  def stream(self) -> ctypes.c_void_p:
+    # Streams are not thread-safe; each calling thread gets its own.
+    stream = getattr(self._local, 'stream', None)
+    if stream is None:
+      stream = ctypes.c_void_p()
+      self._check(self.dnnl.dnnl_stream_create(ctypes.byref(stream), self.engine,
+                                               _DNNL_STREAM_IN_ORDER), 'dnnl_stream_create')
+      self._local.stream = stream
+    return stream
+
+  def scratchpad(self, size: int) -> int:
+    """Address of this thread's scratch buffer of at least `size` bytes, 64-byte aligned."""
+    buffer = getattr(self._local, 'scratchpad', None)
+    if buffer is None or buffer.size < size + 64:
+      buffer = np.empty(size + 64, np.uint8)
+      self._local.scratchpad = buffer
+    return (buffer.ctypes.data + 63) // 64 * 64
+
+  def implementation(self, m: int, k: int, n: int, dtype, transpose_w: bool = False) -> str:
+    """Name of the oneDNN kernel for this problem, such as 'brg:avx512_core_bf16'."""
+    return self.primitive(m, k, n, _DNNL_DATA_TYPES[np.dtype(dtype)], transpose_w)[3]
+
+  def matmul(self, x: np.ndarray, w: np.ndarray, out: np.ndarray, transpose_w: bool,
+             threads: int) -> None:
+    """Write `x @ w` (or `x @ w.T`) into `out`; C-contiguous 2-D arrays of one dtype."""
+    m, k = x.shape
+    n = w.shape[0] if transpose_w else w.shape[1]
+    if out.shape != (m, n) or not all(a.flags.c_contiguous and a.dtype == x.dtype
+                                      for a in (x, w, out)):
+      raise OneDNNError(f'matmul operands do not fit: x {x.shape}, w {w.shape} '
+                        f'(transposed: {transpose_w}), out {out.shape}.')
+    if m == 0 or n == 0:
+      return
+    if k == 0:
+      out[...] = 0
+      return
+    primitive, descriptors, scratchpad_bytes, _ = self.primitive(
+        m, k, n, _DNNL_DATA_TYPES[x.dtype], transpose_w)
+    buffers = [x.ctypes.data, w.ctypes.data, out.ctypes.data]
+    arg_ids = [_DNNL_ARG_SRC, _DNNL_ARG_WEIGHTS, _DNNL_ARG_DST]
+    if scratchpad_bytes:
+      buffers.append(self.scratchpad(scratchpad_bytes))
+      arg_ids.append(_DNNL_ARG_SCRATCHPAD)
+    if self.gomp is not None:
+      # The OpenMP thread count is a per-thread setting, so each calling thread sets its own.
+      self.gomp.omp_set_num_threads(threads)
+    memories = []
+    try:
+      for descriptor, address in zip(descriptors, buffers):
+        memory = ctypes.c_void_p()
+        self._check(self.dnnl.dnnl_memory_create(ctypes.byref(memory), descriptor, self.engine,
+                                                 ctypes.c_void_p(address)),
+                    'dnnl_memory_create')
+        memories.append(memory)
+      args = (_ExecArg * len(memories))(*(_ExecArg(arg, memory)
+                                          for arg, memory in zip(arg_ids, memories)))
+      stream = self.stream()
+      self._check(self.dnnl.dnnl_primitive_execute(primitive, stream, len(memories), args),
+                  f'matmul [{m}, {k}] x [{k}, {n}]')
+      self._check(self.dnnl.dnnl_stream_wait(stream), 'dnnl_stream_wait')
+    finally:
+      for memory in memories:
+        self.dnnl.dnnl_memory_destroy(memory)
+
+
+_LIBRARY: _Library | None = None
+_LIBRARY_LOCK = threading.Lock()
+
+
+def library() -> _Library:
+  """Load oneDNN once; raises OneDNNError with the install command when it is missing."""
+  global _LIBRARY
+  with _LIBRARY_LOCK:
+    if _LIBRARY is None:
+      _LIBRARY = _Library()
+    return _LIBRARY
+
+
+def available() -> bool:
+  try:
+    library()
+  except OneDNNError:
+    return False
+  return True
+
+
+def _cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def _host_matmul(context, out, x, w, *, transpose_w: bool, threads: int) -> None:
+  """Write `x @ w` (or `x @ w.T`) into the output buffer `out` in place."""
+  del context
+  x, w, out = np.asarray(x), np.asarray(w), np.asarray(out)
+  library().matmul(x.reshape(-1, x.shape[-1]), w, out.reshape(-1, out.shape[-1]), transpose_w,
+                   threads)
+
+
+# FLOPs of the products traced inside `count_flops()`; XLA's cost analysis does not see into
+# callbacks.
+_COUNTER = threading.local()
+
+
+@contextlib.contextmanager
+def count_flops() -> Iterator[list[float]]:
+  """Count the FLOPs (2 m k n per product, whole batch) of the oneDNN products traced inside;
+  the yielded one-element list holds the total."""
+  previous = getattr(_COUNTER, 'value', None)
+  total = [0.0]
+  _COUNTER.value = total
+  try:
+    yield total
+  finally:
+    _COUNTER.value = previous
+
+
+def _call(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
+  """Run the product on the host, one call per device shard of the batch."""
+  counter = getattr(_COUNTER, 'value', None)
+  if counter is not None:
+    counter[0] += 2.0 * math.prod(x.shape) * (w.shape[0] if transpose_w else w.shape[1])
+  context = parallel.current_activation_context()
+  mesh = context[0] if context else None
+  if mesh is None or mesh.size == 1:
+    return _callback(x, w, transpose_w, _cores())
+  batch_axes = parallel.batch_mesh_axes(mesh, context[1])
+  shards = math.prod(mesh.shape[axis] for axis in batch_axes)
+  if not batch_axes or x.ndim < 2 or x.shape[0] % shards:
+    # Only the leading (batch) dimension is split; anything else runs whole on one device.
+    return _callback(x, w, transpose_w, _cores())
+  local_devices = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+  threads = max(1, _cores() // max(1, local_devices))
+  spec = PartitionSpec(batch_axes if len(batch_axes) > 1 else batch_axes[0])
+  return jax.shard_map(functools.partial(_callback, transpose_w=transpose_w, threads=threads),
+                       mesh=mesh, in_specs=(spec, PartitionSpec()), out_specs=spec,
+                       check_vma=False)(x, w)
+
+
+def _callback(x: jax.Array, w: jax.Array, transpose_w: bool, threads: int) -> jax.Array:
+  n = w.shape[0] if transpose_w else w.shape[1]
+  result = jax.ShapeDtypeStruct((*x.shape[:-1], n), x.dtype)
+  # buffer_callback hands over XLA's own buffers: no copies in, and the output written in place.
+  # (pure_callback passes jax.Arrays, whose conversion to NumPy can wait on the very program
+  # that runs the callback.)
+  return buffer_callback.buffer_callback(
+      functools.partial(_host_matmul, transpose_w=transpose_w, threads=threads), result,
+      vmap_method='sequential')(x, w)
+
+
+@jax.custom_vjp
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  return _call(x, w, False)
+
+
+def _matmul_forward(x, w):
+  return _call(x, w, False), (x, w)
+
+
+def _matmul_backward(residuals, grad):
+  x, w = residuals
+  grad = grad.astype(x.dtype)
+  grad_x = _call(grad, w, True)
+  # An XLA dot, removed by the compiler when nothing asks for the gradient of `w`.
+  grad_w = jnp.einsum('...k,...n->kn', x, grad, preferred_element_type=jnp.float32)
+  return grad_x, grad_w.astype(w.dtype)
+
+
+_matmul.defvjp(_matmul_forward, _matmul_backward)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """`x @ w` for `x` `[..., k]` and `w` `[k, n]` of one dtype (bfloat16 or float32) via oneDNN."""
+  if x.dtype != w.dtype or np.dtype(x.dtype) not in _DNNL_DATA_TYPES:
+    raise TypeError(f'oneDNN matmul takes two bfloat16 or two float32 operands, got {x.dtype} '
+                    f'and {w.dtype}.')
+  if w.ndim != 2 or x.shape[-1] != w.shape[0]:
+    raise ValueError(f'oneDNN matmul needs x [..., k] and w [k, n], got {x.shape} and {w.shape}.')
+  return _matmul(x, w)

@@ -1,0 +1,133 @@
+"""oneDNN matmuls (`model.matmul='onednn'`): products, gradients, a Llama and sharded training
+against XLA's dots, and the errors when the library is missing or the value is unknown."""
+
+import dataclasses
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from clamp_jax.configuration import ConfigError, validate_config
+from clamp_jax.metrics import read_metrics
+from clamp_jax.models import onednn
+from clamp_jax.models.llama import Llama, LlamaConfig
+from clamp_jax.models.lora import LoRAConfig, apply_lora, iter_linears
+from conftest import REPO, run_main_command
+from test_parallel import run_python
+
+CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def product_and_grads(matmul, x, w, cotangent):
+  def loss(a, b):
+    return jnp.sum(matmul(a, b).astype(jnp.float32) * cotangent)
+
+  value, (grad_x, grad_w) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+  product = jax.jit(matmul)(x, w)
+  return [np.asarray(t, np.float32) for t in (product, value, grad_x, grad_w)]
+
+
+@pytest.mark.parametrize('dtype,tolerance', [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_product_and_gradients_match_xla(dtype, tolerance):
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (3, 5, 40), jnp.float32).astype(dtype)
+  w = jax.random.normal(keys[1], (40, 24), jnp.float32).astype(dtype)
+  cotangent = jax.random.normal(keys[2], (3, 5, 24), jnp.float32)
+  ours = product_and_grads(onednn.matmul, x, w, cotangent)
+  xla = product_and_grads(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32)
+                          .astype(a.dtype), x, w, cotangent)
+  for name, got, expected in zip(('product', 'loss', 'grad x', 'grad w'), ours, xla):
+    scale = max(float(np.max(np.abs(expected))), 1.0)
+    assert np.max(np.abs(got - expected)) <= tolerance * scale, name
+  assert ours[0].shape == (3, 5, 24)
+
+
+def test_library_reports_a_cpu_kernel():
+  name = onednn.library().implementation(64, 32, 16, jnp.bfloat16)
+  assert name, 'oneDNN gave no implementation name'
+  assert 'ref' not in name, f'oneDNN fell back to its reference kernel: {name}'
+
+
+def test_operand_checks():
+  with pytest.raises(TypeError, match='bfloat16 or two float32'):
+    onednn.matmul(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((3, 4), jnp.float32))
+  with pytest.raises(ValueError, match=r'x \[\.\.\., k\]'):
+    onednn.matmul(jnp.ones((2, 3)), jnp.ones((4, 4)))
+
+
+def lora_llama(matmul: str) -> Llama:
+  model = Llama(dataclasses.replace(CONFIG, matmul=matmul), rngs=nnx.Rngs(0))
+  apply_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.0), rngs=nnx.Rngs(1))
+  key = jax.random.key(7)
+  for _, linear in iter_linears(model):
+    if linear.lora is not None:
+      key, sub = jax.random.split(key)
+      linear.lora.lora_b[...] = 0.5 * jax.random.normal(sub, linear.lora.lora_b.shape)
+  return model
+
+
+def test_llama_logits_and_adapter_gradients_match_xla():
+  ids = jax.random.randint(jax.random.key(5), (2, 7), 1, CONFIG.vocab_size)
+  mask = jnp.asarray([[1] * 7, [1] * 4 + [0] * 3], jnp.int32)
+
+  def loss(model):
+    logits = model(ids, mask)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
+
+  results = {}
+  for matmul in ('xla', 'onednn'):
+    model = lora_llama(matmul)
+    grad_fn = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)
+    (_, logits), grads = nnx.jit(grad_fn)(model)
+    results[matmul] = (np.asarray(logits), jax.tree.leaves(nnx.to_pure_dict(grads)))
+  logits_xla, grads_xla = results['xla']
+  logits_onednn, grads_onednn = results['onednn']
+  assert np.max(np.abs(logits_onednn - logits_xla)) <= 1e-4 * np.max(np.abs(logits_xla))
+  assert len(grads_xla) == len(grads_onednn) == 2 * 4 * CONFIG.num_hidden_layers
+  for expected, got in zip(grads_xla, grads_onednn):
+    scale = float(np.max(np.abs(expected)))
+    assert scale > 0
+    assert np.max(np.abs(np.asarray(got) - np.asarray(expected))) <= 1e-4 * scale
+
+
+def test_unknown_backend_is_rejected_before_compiling():
+  sys.path.insert(0, REPO)
+  from configs import tiny
+
+  config = tiny.get_config()
+  config.model.matmul = 'mkl'
+  with pytest.raises(ConfigError, match="config.model.matmul='mkl' is not one of"):
+    validate_config(config)
+
+
+def test_missing_library_gives_one_error_line(tmp_path):
+  result = run_main_command(
+      '--config=configs/tiny.py', f'--workdir={tmp_path}', '--config.model.matmul=onednn',
+      env_extra={onednn.ENV_LIBRARY: str(tmp_path / 'absent' / 'libdnnl.so.3')}, timeout=300)
+  assert result.returncode != 0
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1].startswith('error: model.matmul=onednn needs the oneDNN library'), lines[-5:]
+  assert 'pip install onednn-cpu-gomp' in lines[-1]
+  assert 'Traceback' not in result.stderr
+
+
+def train_losses(workdir, devices: int, overrides: list[str]) -> dict[int, float]:
+  result = run_python(['-m', 'clamp_jax.main', '--config=configs/tiny.py',
+                       '--config.train.steps=3', '--config.eval.at_end=False',
+                       f'--workdir={workdir}', *overrides], devices=devices)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return {r['step']: r['train/loss'] for r in read_metrics(str(workdir)) if 'train/loss' in r}
+
+
+def test_sharded_training_matches_single_device_xla(tmp_path):
+  reference = train_losses(tmp_path / 'xla', 1, ['--config.mesh.data=1'])
+  assert sorted(reference) == [1, 2, 3]
+  # Each of the 8 devices multiplies its own shard of the batch.
+  losses = train_losses(tmp_path / 'onednn', 8, ['--config.mesh.data=8',
+                                                 '--config.model.matmul=onednn'])
+  for step, expected in reference.items():
+    assert abs(losses[step] - expected) <= 1e-4, (step, losses[step], expected)
