@@ -1,10 +1,11 @@
 """Matrix products on the CPU through oneDNN, for bfloat16 compute where XLA:CPU has no bf16 dot.
 
 XLA:CPU in jaxlib 0.10 converts both operands of a bfloat16 dot to float32 and multiplies in
-float32. oneDNN's matmul runs bfloat16 on the CPU's AVX-512 BF16 (or AMX) units at about twice the
-float32 rate. `matmul(x, w)` computes `x @ w` with oneDNN inside a jitted program through
-`jax.pure_callback`, and its gradient for `x` (`dy @ w.T`) the same way; the gradient for `w`
-is an XLA dot, which the compiler drops when `w` is frozen.
+float32. oneDNN's matmul runs bfloat16 on the CPU's AVX-512 BF16 (or AMX) units, at about twice
+XLA's float32 rate on an AVX-512 BF16 CPU. `matmul(x, w)` computes `x @ w` with oneDNN inside a
+jitted program through `jax.experimental.buffer_callback`. Its gradient for `x` (`dy @ w.T`)
+runs the same way. The gradient for `w` is an XLA dot, which the compiler drops when `w` is
+frozen.
 
 The library comes from the PyPI wheel `onednn-cpu-gomp` (oneDNN 3.2 with GNU OpenMP), the
 `cpu-bf16` extra of this package. `CLAMP_ONEDNN_LIBRARY` names another `libdnnl.so.3`.
@@ -55,7 +56,7 @@ _Dims = ctypes.c_int64 * _MAX_DIMS
 
 
 class OneDNNError(RuntimeError):
-  """oneDNN is missing or refused a call."""
+  """Error raised when oneDNN is missing or a oneDNN call fails."""
 
 
 class _ExecArg(ctypes.Structure):
@@ -229,14 +230,6 @@ def library() -> _Library:
     return _LIBRARY
 
 
-def available() -> bool:
-  try:
-    library()
-  except OneDNNError:
-    return False
-  return True
-
-
 def _cores() -> int:
   try:
     return len(os.sched_getaffinity(0))
@@ -259,8 +252,10 @@ _COUNTER = threading.local()
 
 @contextlib.contextmanager
 def count_flops() -> Iterator[list[float]]:
-  """Count the FLOPs (2 m k n per product, whole batch) of the oneDNN products traced inside;
-  the yielded one-element list holds the total."""
+  """Count the FLOPs (2 m k n per product, whole batch) of the oneDNN products traced inside.
+
+  The yielded one-element list contains the running total.
+  """
   previous = getattr(_COUNTER, 'value', None)
   total = [0.0]
   _COUNTER.value = total
@@ -316,7 +311,7 @@ def _matmul_backward(residuals, grad):
   x, w = residuals
   grad = grad.astype(x.dtype)
   grad_x = _call(grad, w, True)
-  # An XLA dot, removed by the compiler when nothing asks for the gradient of `w`.
+  # An XLA dot, which the compiler removes when the gradient of `w` is not used.
   grad_w = jnp.einsum('...k,...n->kn', x, grad, preferred_element_type=jnp.float32)
   return grad_x, grad_w.astype(w.dtype)
 
