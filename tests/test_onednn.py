@@ -11,12 +11,11 @@ import pytest
 from flax import nnx
 
 from clamp_jax.configuration import ConfigError, validate_config
-from clamp_jax.metrics import read_metrics
 from clamp_jax.models import onednn
 from clamp_jax.models.llama import Llama, LlamaConfig
 from clamp_jax.models.lora import LoRAConfig, apply_lora, iter_linears
 from conftest import REPO, run_main_command
-from test_parallel import run_python
+from test_parallel import train_losses
 
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -115,19 +114,11 @@ def test_missing_library_gives_one_error_line(tmp_path):
   assert 'Traceback' not in result.stderr
 
 
-def train_losses(workdir, devices: int, overrides: list[str]) -> dict[int, float]:
-  result = run_python(['-m', 'clamp_jax.main', '--config=configs/tiny.py',
-                       '--config.train.steps=3', '--config.eval.at_end=False',
-                       f'--workdir={workdir}', *overrides], devices=devices)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return {r['step']: r['train/loss'] for r in read_metrics(str(workdir)) if 'train/loss' in r}
-
-
 def test_sharded_training_matches_single_device_xla(tmp_path):
-  reference = train_losses(tmp_path / 'xla', 1, ['--config.mesh.data=1'])
+  reference = train_losses(tmp_path / 'xla', {'data': 1}, devices=1)
   assert sorted(reference) == [1, 2, 3]
   # Each of the 8 devices multiplies its own shard of the batch.
-  losses = train_losses(tmp_path / 'onednn', 8, ['--config.mesh.data=8',
-                                                 '--config.model.matmul=onednn'])
+  losses = train_losses(tmp_path / 'onednn', {'data': 8}, devices=8,
+                        extra=('--config.model.matmul=onednn',))
   for step, expected in reference.items():
     assert abs(losses[step] - expected) <= 1e-4, (step, losses[step], expected)

@@ -26,8 +26,9 @@ def run_python(args: list[str], *, devices: int, timeout: int = 600):
                         text=True, timeout=timeout)
 
 
-def train_losses(workdir, mesh: dict[str, int], devices: int) -> dict[int, float]:
-  overrides = [f'--config.mesh.{axis}={size}' for axis, size in mesh.items()]
+def train_losses(workdir, mesh: dict[str, int], devices: int,
+                 extra: tuple[str, ...] = ()) -> dict[int, float]:
+  overrides = [f'--config.mesh.{axis}={size}' for axis, size in mesh.items()] + list(extra)
   result = run_python(['-m', 'clamp_jax.main', '--config=configs/tiny.py',
                        '--config.train.steps=3', '--config.eval.at_end=False',
                        f'--workdir={workdir}', *overrides], devices=devices)
