@@ -58,8 +58,9 @@ def test_operand_checks():
     onednn.matmul(jnp.ones((2, 3)), jnp.ones((4, 4)))
 
 
-def lora_llama(matmul: str) -> Llama:
-  model = Llama(dataclasses.replace(CONFIG, matmul=matmul), rngs=nnx.Rngs(0))
+def lora_llama(matmul: str, scan_layers: bool) -> Llama:
+  config = dataclasses.replace(CONFIG, matmul=matmul, scan_layers=scan_layers)
+  model = Llama(config, rngs=nnx.Rngs(0))
   apply_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.0), rngs=nnx.Rngs(1))
   key = jax.random.key(7)
   for _, linear in iter_linears(model):
@@ -69,7 +70,8 @@ def lora_llama(matmul: str) -> Llama:
   return model
 
 
-def test_llama_logits_and_adapter_gradients_match_xla():
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_llama_logits_and_adapter_gradients_match_xla(scan_layers):
   ids = jax.random.randint(jax.random.key(5), (2, 7), 1, CONFIG.vocab_size)
   mask = jnp.asarray([[1] * 7, [1] * 4 + [0] * 3], jnp.int32)
 
@@ -79,7 +81,7 @@ def test_llama_logits_and_adapter_gradients_match_xla():
 
   results = {}
   for matmul in ('xla', 'onednn'):
-    model = lora_llama(matmul)
+    model = lora_llama(matmul, scan_layers)
     grad_fn = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)
     (_, logits), grads = nnx.jit(grad_fn)(model)
     results[matmul] = (np.asarray(logits), jax.tree.leaves(nnx.to_pure_dict(grads)))

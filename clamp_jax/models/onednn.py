@@ -326,4 +326,8 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
                     f'and {w.dtype}.')
   if w.ndim != 2 or x.shape[-1] != w.shape[0]:
     raise ValueError(f'oneDNN matmul needs x [..., k] and w [k, n], got {x.shape} and {w.shape}.')
+  if jax.default_backend() != 'cpu':
+    # The callback reads the operands as host memory.
+    raise OneDNNError(f"oneDNN matmuls run on the CPU only, but JAX's backend is "
+                      f"{jax.default_backend()!r}; use model.matmul='xla' there.")
   return _matmul(x, w)
