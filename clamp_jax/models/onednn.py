@@ -37,8 +37,7 @@ from jax.sharding import PartitionSpec
 from clamp_jax import parallel
 
 ENV_LIBRARY = 'CLAMP_ONEDNN_LIBRARY'
-INSTALL_HINT = ('pip install onednn-cpu-gomp==2023.2.0 (or the cpu-bf16 extra: '
-                "pip install 'clamp-jax[cpu-bf16]')")
+INSTALL_HINT = ("pip install onednn-cpu-gomp==2023.2.0 (in a clone: pip install -e '.[cpu-bf16]')")
 
 # Values of oneDNN 3.x's C API (dnnl_common_types.h and dnnl_types.h).
 _DNNL_CPU = 1
