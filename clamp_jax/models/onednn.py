@@ -127,8 +127,8 @@ class _Library:
         descriptors = (self._descriptor(m, k, dtype, False),
                        self._descriptor(k, n, dtype, transpose_w),
                        self._descriptor(m, n, dtype, False))
-        # With the default (library) scratchpad, primitives share one buffer and two threads
-        # executing at once overwrite each other's; each call passes its own instead.
+        # With the default (library) scratchpad, primitives share one buffer, and two threads
+        # executing at once overwrite each other's data. So each call passes its own buffer.
         attributes = ctypes.c_void_p()
         self._check(self.dnnl.dnnl_primitive_attr_create(ctypes.byref(attributes)),
                     'dnnl_primitive_attr_create')
@@ -152,7 +152,7 @@ class _Library:
       return self._primitives[key]
 
   def stream(self) -> ctypes.c_void_p:
-    # Streams are not thread-safe; each calling thread gets its own.
+    # Streams are not thread-safe, so each calling thread gets its own.
     stream = getattr(self._local, 'stream', None)
     if stream is None:
       stream = ctypes.c_void_p()
@@ -175,7 +175,7 @@ class _Library:
 
   def matmul(self, x: np.ndarray, w: np.ndarray, out: np.ndarray, transpose_w: bool,
              threads: int) -> None:
-    """Write `x @ w` (or `x @ w.T`) into `out`; C-contiguous 2-D arrays of one dtype."""
+    """Write `x @ w` (or `x @ w.T`) into `out`, all C-contiguous 2-D arrays of one dtype."""
     m, k = x.shape
     n = w.shape[0] if transpose_w else w.shape[1]
     if out.shape != (m, n) or not all(a.flags.c_contiguous and a.dtype == x.dtype
@@ -244,8 +244,8 @@ def _host_matmul(context, out, x, w, *, transpose_w: bool, threads: int) -> None
                    threads)
 
 
-# FLOPs of the products traced inside `count_flops()`; XLA's cost analysis does not see into
-# callbacks.
+# FLOPs of the products traced inside `count_flops()`, which XLA's cost analysis cannot see
+# inside callbacks.
 _COUNTER = threading.local()
 
 
