@@ -105,15 +105,25 @@ def test_unknown_backend_is_rejected_before_compiling():
     validate_config(config)
 
 
-def test_missing_library_gives_one_error_line(tmp_path):
+def test_unloadable_library_gives_one_error_line(tmp_path):
+  absent = tmp_path / 'absent' / 'libdnnl.so.3'
   result = run_main_command(
       '--config=configs/tiny.py', f'--workdir={tmp_path}', '--config.model.matmul=onednn',
-      env_extra={onednn.ENV_LIBRARY: str(tmp_path / 'absent' / 'libdnnl.so.3')}, timeout=300)
+      env_extra={onednn.ENV_LIBRARY: str(absent)}, timeout=300)
   assert result.returncode != 0
   lines = result.stderr.strip().splitlines()
-  assert lines[-1].startswith('error: model.matmul=onednn needs the oneDNN library'), lines[-5:]
+  assert lines[-1].startswith(f'error: {onednn.ENV_LIBRARY}={absent} could not be loaded'), \
+      lines[-5:]
   assert 'pip install onednn-cpu-gomp' in lines[-1]
   assert 'Traceback' not in result.stderr
+
+
+def test_missing_library_names_install_command(monkeypatch, tmp_path):
+  monkeypatch.delenv(onednn.ENV_LIBRARY, raising=False)
+  monkeypatch.setattr(onednn, '_candidate_paths', lambda: [str(tmp_path / 'libdnnl.so.3')])
+  with pytest.raises(onednn.OneDNNError,
+                     match=r'was not found .*pip install onednn-cpu-gomp==2023\.2\.0'):
+    onednn._load()
 
 
 def test_sharded_training_matches_single_device_xla(tmp_path):

@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec
 from clamp_jax import parallel
 
 ENV_LIBRARY = 'CLAMP_ONEDNN_LIBRARY'
-INSTALL_HINT = ("pip install onednn-cpu-gomp==2023.2.0 (in a clone: pip install -e '.[cpu-bf16]')")
+INSTALL_HINT = 'pip install onednn-cpu-gomp==2023.2.0'
 
 # Values of oneDNN 3.x's C API (dnnl_common_types.h and dnnl_types.h).
 _DNNL_CPU = 1
@@ -63,36 +63,42 @@ class _ExecArg(ctypes.Structure):
 
 
 def _candidate_paths() -> list[str]:
-  paths = []
-  if os.environ.get(ENV_LIBRARY):
-    return [os.environ[ENV_LIBRARY]]
   # The wheel installs its libraries under <prefix>/lib as data files.
-  for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
-    paths.append(os.path.join(prefix, 'lib', 'libdnnl.so.3'))
+  paths = [os.path.join(prefix, 'lib', 'libdnnl.so.3')
+           for prefix in dict.fromkeys((sys.prefix, sys.base_prefix))]
   found = ctypes.util.find_library('dnnl')
   if found:
     paths.append(found)
   return paths
 
 
+def _load() -> tuple[ctypes.CDLL, str]:
+  """Open `CLAMP_ONEDNN_LIBRARY` if set, else the installed wheel's library."""
+  override = os.environ.get(ENV_LIBRARY)
+  if override:
+    try:
+      return ctypes.CDLL(override), override
+    except OSError as e:
+      raise OneDNNError(
+          f'{ENV_LIBRARY}={override} could not be loaded ({e}). Set it to the path of a '
+          f'libdnnl.so.3, or unset it to use the library that {INSTALL_HINT} installs.') from e
+  errors = []
+  for path in _candidate_paths():
+    try:
+      return ctypes.CDLL(path), path
+    except OSError as e:
+      errors.append(f'{path}: {e}')
+  raise OneDNNError(
+      'model.matmul=onednn needs the oneDNN library, which was not found ('
+      + '; '.join(errors) + f'). Install it with {INSTALL_HINT}, or set {ENV_LIBRARY} to the '
+      'path of a libdnnl.so.3.')
+
+
 class _Library:
   """The loaded library, one CPU engine, and a primitive per problem shape."""
 
   def __init__(self):
-    errors = []
-    self.dnnl = None
-    for path in _candidate_paths():
-      try:
-        self.dnnl = ctypes.CDLL(path)
-        self.path = path
-        break
-      except OSError as e:
-        errors.append(f'{path}: {e}')
-    if self.dnnl is None:
-      raise OneDNNError(
-          'model.matmul=onednn needs the oneDNN library, which was not found ('
-          + ('; '.join(errors) or 'no candidate path') + f'). Install it with {INSTALL_HINT}, '
-          f'or set {ENV_LIBRARY} to a libdnnl.so.3.')
+    self.dnnl, self.path = _load()
     self.dnnl.dnnl_primitive_desc_query.restype = ctypes.c_int
     self.dnnl.dnnl_primitive_desc_query_md.restype = ctypes.c_void_p
     self.dnnl.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
