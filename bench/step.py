@@ -173,6 +173,7 @@ def time_point(config, mesh, model, trainable, optimizer, *, steps: int,
   batch_size, caption_length = config.train.batch_size, config.data.max_length
   if config.model.scan_layers:
     # XLA counts a scanned layer once, so take the FLOPs of unrolled copies (see plan.step_flops).
+    # NOTE: with model.matmul='onednn' this count leaves out the oneDNN products.
     flops = plan.step_flops(config)
   else:
     # The cost analysis of a partitioned program counts one device's share.
