@@ -325,7 +325,8 @@ _matmul.defvjp(_matmul_forward, _matmul_backward)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """`x @ w` for `x` `[..., k]` and `w` `[k, n]` of one dtype (bfloat16 or float32) via oneDNN."""
+  """Compute `x @ w` with oneDNN for `x` `[..., k]` and `w` `[k, n]` of one dtype (bfloat16 or
+  float32)."""
   if x.dtype != w.dtype or np.dtype(x.dtype) not in _DNNL_DATA_TYPES:
     raise TypeError(f'oneDNN matmul takes two bfloat16 or two float32 operands, got {x.dtype} '
                     f'and {w.dtype}.')
