@@ -1,5 +1,6 @@
-"""oneDNN matmuls (`model.matmul='onednn'`): products, gradients, a Llama and sharded training
-against XLA's dots, and the errors when the library is missing or the value is unknown."""
+"""oneDNN matmuls (`model.matmul='onednn'`): products, gradients, a Llama, greedy generation and
+sharded training against XLA's dots, and the errors when the library is missing or the value is
+unknown."""
 
 import dataclasses
 import sys
@@ -11,6 +12,7 @@ import pytest
 from flax import nnx
 
 from clamp_jax.configuration import ConfigError, validate_config
+from clamp_jax.generate import generate_ids
 from clamp_jax.models import onednn
 from clamp_jax.models.llama import Llama, LlamaConfig
 from clamp_jax.models.lora import LoRAConfig, apply_lora, iter_linears
@@ -134,3 +136,13 @@ def test_sharded_training_matches_single_device_xla(tmp_path):
                         extra=('--config.model.matmul=onednn',))
   for step, expected in reference.items():
     assert abs(losses[step] - expected) <= 1e-4, (step, losses[step], expected)
+
+
+def test_greedy_generation_matches_xla():
+  ids = jnp.asarray([[0, 0, 5, 9, 11], [3, 7, 2, 8, 4]], jnp.int32)
+  mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], jnp.int32)
+  tokens = {matmul: generate_ids(lora_llama(matmul, scan_layers=False), ids, mask,
+                                 max_new_tokens=6)
+            for matmul in ('xla', 'onednn')}
+  assert tokens['onednn'].shape == (2, 6)
+  np.testing.assert_array_equal(tokens['onednn'], tokens['xla'])
