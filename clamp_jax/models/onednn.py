@@ -109,7 +109,8 @@ class _Library:
     self.engine = ctypes.c_void_p()
     self._check(self.dnnl.dnnl_engine_create(ctypes.byref(self.engine), _DNNL_CPU, 0),
                 'dnnl_engine_create')
-    self._primitives: dict[tuple, tuple[ctypes.c_void_p, str]] = {}
+    # Key (m, k, n, dtype, transpose_w); value (primitive, descriptors, scratchpad bytes, name).
+    self._primitives: dict[tuple, tuple] = {}
     self._lock = threading.Lock()
     self._local = threading.local()
 
