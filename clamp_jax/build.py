@@ -38,15 +38,6 @@ def trainable_filter(patterns) -> nnx.filterlib.Filter:
   return matches
 
 
-def require_onednn() -> None:
-  """Check, before any weight loads, that `model.matmul='onednn'` can run here."""
-  if jax.default_backend() != 'cpu':
-    raise onednn.OneDNNError(
-        f"config.model.matmul='onednn' runs on the CPU only, but JAX's backend is "
-        f"{jax.default_backend()!r}; use config.model.matmul='xla' there.")
-  onednn.library()
-
-
 def build_llm(config: ml_collections.ConfigDict, place=None):
   """Load the LLM and its tokenizer, or build a random LLM that borrows a checkpoint's tokenizer.
 
@@ -55,7 +46,7 @@ def build_llm(config: ml_collections.ConfigDict, place=None):
   """
   model_config = config.model
   if model_config.matmul == 'onednn':
-    require_onednn()
+    onednn.check_usable()
   overrides = dict(dtype=model_config.llm_dtype, param_dtype=model_config.llm_param_dtype,
                    remat=model_config.remat, scan_layers=model_config.scan_layers,
                    attention=model_config.attention, matmul=model_config.matmul)

@@ -232,7 +232,7 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
 
 
 def batch_mesh_axes(mesh: Mesh, rules) -> tuple[str, ...]:
-  """The mesh axes of size above 1 that split the batch dimension."""
+  """Return the mesh axes of size above 1 that split the batch dimension."""
   return tuple(axis for axis in (rules_dict(rules).get('batch') or ())
                if axis in mesh.shape and mesh.shape[axis] > 1)
 
@@ -292,7 +292,7 @@ def activation_sharding(mesh: Mesh, rules) -> Iterator[None]:
 
 
 def current_activation_context() -> tuple[Mesh, object] | None:
-  """`(mesh, rules)` of the enclosing `activation_sharding`, or None outside one."""
+  """Return `(mesh, rules)` of the enclosing `activation_sharding`, or None outside one."""
   return getattr(_ACTIVATIONS, 'value', None)
 
 
@@ -303,7 +303,7 @@ def gather_for_use(weight: jax.Array, logical_axes: Sequence[str | None]) -> jax
   compiler never chooses to gather the (much larger) batch of activations instead. A no-op
   outside `activation_sharding`.
   """
-  context = getattr(_ACTIVATIONS, 'value', None)
+  context = current_activation_context()
   if context is None:
     return weight
   mesh, rules = context
@@ -319,7 +319,7 @@ def gather_for_use(weight: jax.Array, logical_axes: Sequence[str | None]) -> jax
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Constrain activation `x` to the sharding its logical axes map to; a no-op outside
   `activation_sharding`."""
-  context = getattr(_ACTIVATIONS, 'value', None)
+  context = current_activation_context()
   if context is None:
     return x
   mesh, rules = context

@@ -115,9 +115,9 @@ class _Library:
     self._local = threading.local()
 
   @staticmethod
-  def _check(status: int, what: str) -> None:
+  def _check(status: int, operation: str) -> None:
     if status != 0:
-      raise OneDNNError(f'oneDNN {what} failed with status {status}.')
+      raise OneDNNError(f'oneDNN {operation} failed with status {status}.')
 
   def _descriptor(self, rows: int, cols: int, dtype: int, transposed: bool) -> ctypes.c_void_p:
     descriptor = ctypes.c_void_p()
@@ -227,6 +227,21 @@ _LIBRARY: _Library | None = None
 _LIBRARY_LOCK = threading.Lock()
 
 
+def require_cpu_backend() -> None:
+  """Raise OneDNNError unless JAX runs on the CPU, since the callback reads operands as host
+  memory."""
+  if jax.default_backend() != 'cpu':
+    raise OneDNNError(f"model.matmul='onednn' runs on the CPU only, but JAX's backend is "
+                      f"{jax.default_backend()!r}; use model.matmul='xla' there.")
+
+
+def check_usable() -> None:
+  """Check, before any weight loads, that oneDNN matmuls can run here: a CPU backend and a
+  loadable library."""
+  require_cpu_backend()
+  library()
+
+
 def library() -> _Library:
   """Load oneDNN once; raises OneDNNError with the install command when it is missing."""
   global _LIBRARY
@@ -281,7 +296,7 @@ def _call(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
   if mesh is None or mesh.size == 1:
     return _callback(x, w, transpose_w, _cores())
   batch_axes = parallel.batch_mesh_axes(mesh, context[1])
-  shards = math.prod(mesh.shape[axis] for axis in batch_axes)
+  shards = parallel.batch_shards(mesh, context[1])
   if not batch_axes or x.ndim < 2 or x.shape[0] % shards:
     # Only the leading (batch) dimension is split; anything else runs whole on one device.
     return _callback(x, w, transpose_w, _cores())
@@ -333,8 +348,5 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
                     f'and {w.dtype}.')
   if w.ndim != 2 or x.shape[-1] != w.shape[0]:
     raise ValueError(f'oneDNN matmul needs x [..., k] and w [k, n], got {x.shape} and {w.shape}.')
-  if jax.default_backend() != 'cpu':
-    # The callback reads the operands as host memory.
-    raise OneDNNError(f"oneDNN matmuls run on the CPU only, but JAX's backend is "
-                      f"{jax.default_backend()!r}; use model.matmul='xla' there.")
+  require_cpu_backend()
   return _matmul(x, w)
