@@ -8,8 +8,8 @@ from flax import nnx
 
 from clamp_jax.generate import generate_ids
 from clamp_jax.models.llama import Llama, LlamaConfig
-from clamp_jax.models.lora import (HalfWordDropout, LoRAConfig, apply_lora, iter_linears, merge,
-                                   unmerge)
+from clamp_jax.models.lora import (HashDropout, LoRAConfig, apply_lora, iter_linears, keep_mask,
+                                   merge, unmerge)
 
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -199,18 +199,31 @@ def test_train_dropout_varies_model():
   assert not np.array_equal(first, second)
 
 
-def test_half_word_dropout_rate_and_mean():
-  dropout = HalfWordDropout(0.1, rngs=nnx.Rngs(dropout=0))
+def test_hash_dropout_rate_mean_and_independence():
+  dropout = HashDropout(0.1, rngs=nnx.Rngs(dropout=0))
   x = jnp.ones((64, 56, 576))
   first, second = np.asarray(dropout(x)), np.asarray(dropout(x))
   # 2,064,384 decisions: the kept fraction's standard deviation is 2.1e-4, the mean's 2.3e-4.
   assert abs(np.mean(first != 0) - 0.9) < 1.5e-3
   assert abs(np.mean(first) - 1.0) < 1.5e-3
-  # The two halves of each 32-bit word feed the first and second half of the last axis; their
-  # masks agree only as often as independent draws do (0.9**2 + 0.1**2 = 0.82).
-  assert abs(np.mean((first[..., :288] != 0) == (first[..., 288:] != 0)) - 0.82) < 3e-3
-  assert not np.array_equal(first, second)
+  # Neighbours along every axis, and the same element in two calls, agree only as often as
+  # independent draws do (0.9**2 + 0.1**2 = 0.82).
+  kept, kept_again = first != 0, second != 0
+  for axis in range(3):
+    head = np.take(kept, range(kept.shape[axis] - 1), axis=axis)
+    tail = np.take(kept, range(1, kept.shape[axis]), axis=axis)
+    assert abs(np.mean(head == tail) - 0.82) < 3e-3, axis
+  assert abs(np.mean(kept == kept_again) - 0.82) < 3e-3
   assert dropout(jnp.ones((3, 5))).shape == (3, 5)
+  assert dropout(jnp.ones((7,))).shape == (7,)
+
+
+def test_keep_mask_rounds_the_probability_to_32_bits():
+  keep, probability = keep_mask(jax.random.key(0), 0.9, (1000, 1000))
+  assert probability == round(0.9 * 2**32) / 2**32
+  assert abs(float(jnp.mean(keep)) - 0.9) < 1.5e-3
+  never, zero = keep_mask(jax.random.key(0), 0.0, (100, 100))
+  assert zero == 2**-32 and not bool(jnp.any(never))
 
 
 def test_eval_branch_is_deterministic():

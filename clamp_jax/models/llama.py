@@ -140,11 +140,25 @@ def rope_inverse_frequencies(config: LlamaConfig) -> jax.Array:
       f"Unsupported rope_type {rope_type!r}: supported are 'default', 'linear' and 'llama3'.")
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotate `x` `[b, t, heads, d]` by `positions` `[b, t]` in Hugging Face's half-split layout."""
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Cosines and sines `[b, t, 1, d/2]` (float32) of the rotary angles at `positions` `[b, t]`.
+
+  Computed once per forward pass and shared by every layer. XLA would otherwise fuse the
+  cosines and sines into each layer's rotation and evaluate them again for every head, at several
+  times the cost of the rotation itself; a product with the identity matrix (exact, and a few
+  MFLOPs) is an operation XLA does not fuse into its consumers, so the tables are computed once.
+  """
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, t, d/2]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
+  identity = jnp.eye(inv_freq.shape[-1], dtype=jnp.float32)
+  cos, sin = (jnp.dot(table, identity, precision=jax.lax.Precision.HIGHEST)
+              for table in (jnp.cos(angles), jnp.sin(angles)))
+  return cos[:, :, None, :], sin[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Rotate `x` `[b, t, heads, d]` by the angles of `rope_tables` in Hugging Face's half-split
+  layout."""
+  cos, sin = rope
   x32 = x.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -201,15 +215,15 @@ class Attention(nnx.Module):
   def __call__(
       self,
       x: jax.Array,
-      positions: jax.Array,
+      rope: tuple[jax.Array, jax.Array],
       mask: jax.Array,
-      inv_freq: jax.Array,
       *,
       adapters: bool = True,
       cache: dict[str, jax.Array] | None = None,
       cache_index: jax.Array | int = 0,
   ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-    """Attend over `x` `[b, t, embed]`; `mask` is `[b, 1, t, s]` with s the key length.
+    """Attend over `x` `[b, t, embed]`; `rope` is `rope_tables(positions, ...)` and `mask` is
+    `[b, 1, t, s]` with s the key length.
 
     With a cache (`k`, `v` of shape `[b, max_len, kv_heads, d]`), the new keys and values are written
     at `cache_index` and the queries attend over the whole cache, so `s == max_len`.
@@ -218,8 +232,8 @@ class Attention(nnx.Module):
     q = self.q_proj(x, adapters=adapters).reshape(batch, length, self.num_heads, self.head_dim)
     k = self.k_proj(x, adapters=adapters).reshape(batch, length, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x, adapters=adapters).reshape(batch, length, self.num_kv_heads, self.head_dim)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+    q = apply_rope(q, rope)
+    k = apply_rope(k, rope)
 
     if cache is not None:
       k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype),
@@ -266,7 +280,10 @@ class MLP(nnx.Module):
   def __call__(self, x: jax.Array, *, adapters: bool = True) -> jax.Array:
     gate = self.gate_proj(x, adapters=adapters)
     up = self.up_proj(x, adapters=adapters)
-    return self.down_proj(jax.nn.silu(gate) * up, adapters=adapters)
+    # The gating runs in float32: with bfloat16 operands XLA:CPU rounds every intermediate of the
+    # forward and backward pass to bfloat16, which costs more than the arithmetic.
+    hidden = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
+    return self.down_proj(hidden.astype(gate.dtype), adapters=adapters)
 
 
 class DecoderLayer(nnx.Module):
@@ -280,9 +297,9 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, mask, inv_freq, *, adapters=True, cache=None, cache_index=0):
+  def __call__(self, x, rope, mask, *, adapters=True, cache=None, cache_index=0):
     attn_out, cache = self.self_attn(
-        self.input_layernorm(x), positions, mask, inv_freq,
+        self.input_layernorm(x), rope, mask,
         adapters=adapters, cache=cache, cache_index=cache_index)
     x = x + attn_out
     x = x + self.mlp(self.post_attention_layernorm(x), adapters=adapters)
@@ -353,17 +370,17 @@ class Llama(nnx.Module):
       cache: per-layer `{'k', 'v'}` arrays `[b, max_len, kv_heads, head_dim]`, or None.
       cache_index: where the new keys and values are written in the cache.
     """
-    inv_freq = rope_inverse_frequencies(self.config)
+    rope = rope_tables(positions, rope_inverse_frequencies(self.config))
     x = constrain(embeddings, ('batch', 'length', 'act_embed'))
     if cache is None:
       x = run_layers(
           self.layers,
-          lambda layer, x: layer(x, positions, mask, inv_freq, adapters=adapters)[0],
+          lambda layer, x: layer(x, rope, mask, adapters=adapters)[0],
           x, remat=self.config.remat, scan=self.config.scan_layers)
       return self.norm(x), None
     new_cache = []
     for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, positions, mask, inv_freq, adapters=adapters, cache=cache[i],
+      x, layer_cache = layer(x, rope, mask, adapters=adapters, cache=cache[i],
                              cache_index=cache_index)
       new_cache.append(layer_cache)
     return self.norm(x), new_cache
