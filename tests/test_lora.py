@@ -223,7 +223,8 @@ def test_keep_mask_rounds_the_probability_to_32_bits():
   assert probability == round(0.9 * 2**32) / 2**32
   assert abs(float(jnp.mean(keep)) - 0.9) < 1.5e-3
   never, zero = keep_mask(jax.random.key(0), 0.0, (100, 100))
-  assert zero == 2**-32 and not bool(jnp.any(never))
+  assert zero == 2**-32
+  assert not bool(jnp.any(never))
 
 
 def test_eval_branch_is_deterministic():

@@ -145,8 +145,8 @@ def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, j
 
   Computed once per forward pass and shared by every layer. XLA would otherwise fuse the
   cosines and sines into each layer's rotation and evaluate them again for every head, at several
-  times the cost of the rotation itself; a product with the identity matrix (exact, and a few
-  MFLOPs) is an operation XLA does not fuse into its consumers, so the tables are computed once.
+  times the cost of the rotation itself. A product with the identity matrix (exact, a few MFLOPs)
+  stops that: XLA does not fuse a dot into its consumers.
   """
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, t, d/2]
   identity = jnp.eye(inv_freq.shape[-1], dtype=jnp.float32)
