@@ -42,6 +42,7 @@ SUMMARY_COLUMNS = [
     ('implementation', 'implementation', 's'),
     ('precision', 'precision', 's'),
     ('matmul', 'matmul', 's'),
+    ('llm_weights', 'LLM weights', 's'),
     ('device_count', 'devices', 'd'),
     ('batch_size', 'batch', 'd'),
     ('caption_length', 'caption tokens', 'd'),
@@ -77,6 +78,11 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
                       help="Comma-separated matmul backends of our step's LLM "
                            "(config.model.matmul: xla, onednn). Each dtype runs with each; "
                            'onednn needs the cpu-bf16 extra.')
+  parser.add_argument('--ours_llm_weights', default='config', choices=['config', 'compute'],
+                      help="Storage dtype of the frozen LLM's weights in our step, the sweep's "
+                           "too (bench/step.py --llm_weights): 'config' keeps "
+                           "model.llm_param_dtype, 'compute' stores them in each run's compute "
+                           'dtype.')
   parser.add_argument('--ours_cpu_devices', default='0',
                       help='Comma-separated CPU device counts of our step (bench/step.py '
                            "--cpu_devices); 0: the devices JAX finds, 'cores': one device per "
@@ -179,6 +185,8 @@ def summary_row(result: dict, point: dict) -> dict:
   return {'implementation': 'ours (JAX)' if ours else 'reference (PyTorch)',
           'precision': result['dtype'] if ours else result['precision'],
           'matmul': result.get('matmul_backend', 'xla') if ours else 'torch',
+          'llm_weights': (result.get('llm_param_dtype', '-') if ours
+                          else 'bfloat16' if result['precision'] == 'bf16' else 'float32'),
           'device_count': result.get('device_count'),
           'peak_gflops': result['peak_gflops'], 'process_seconds': result['wall_seconds'],
           **point}
@@ -207,7 +215,7 @@ def samples_ratio(numerator: dict | None, denominator: dict | None) -> float | N
 def compare(args: argparse.Namespace, passthrough: list[str], out_dir: str) -> int:
   flags = common_flags(args, passthrough)
   runs = [('step.py', [*flags, f'--dtype={dtype}', f'--cpu_devices={devices}',
-                       f'--config.model.matmul={matmul}'],
+                       f'--config.model.matmul={matmul}', f'--llm_weights={args.ours_llm_weights}'],
            f'ours {dtype} with {matmul} matmuls on {devices or "default"} devices',
            f'ours_{dtype}_{matmul}_{devices}.json')
           for devices in cpu_device_counts(args.ours_cpu_devices)
@@ -270,7 +278,8 @@ def sweep(args: argparse.Namespace, passthrough: list[str], out_dir: str) -> int
   if len(counts) != 1:
     sys.exit(f'error: --sweep_cpu_devices={args.sweep_cpu_devices!r} must be one count.')
   devices = counts[0]
-  ours = run_child('step.py', [*flags, f'--dtype={args.sweep_dtype}', f'--cpu_devices={devices}'],
+  ours = run_child('step.py', [*flags, f'--dtype={args.sweep_dtype}', f'--cpu_devices={devices}',
+                               f'--llm_weights={args.ours_llm_weights}'],
                    os.path.join(out_dir, f'sweep_ours_{args.sweep_dtype}.json'), env)
 
   reference = None

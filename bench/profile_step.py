@@ -1,7 +1,8 @@
 """Profile one training step: where the time goes, page faults, and how busy the cores are.
 
 Builds the step as `bench/step.py` does, times `--steps` steps with the page faults each one
-takes, then traces one more step with `jax.profiler` (a Perfetto trace) and prints:
+takes, then traces one more step with `jax.profiler` (a Perfetto trace, saved with the compiled
+HLO text) and prints:
 
 - the operations with the most time summed over threads, each described by its output shape
   and, for a dot, its operand shapes, so the forward and backward forms of a matmul show apart;
@@ -12,7 +13,7 @@ takes, then traces one more step with `jax.profiler` (a Perfetto trace) and prin
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python bench/profile_step.py --batch_size=32 --steps=3
 
 It takes `bench/step.py`'s flags (`--config`, `--config.*`, `--batch_size`, `--caption_length`,
-`--dtype`, `--steps`, `--cpu_devices`) plus `--top` and `--trace_dir`.
+`--dtype`, `--llm_weights`, `--steps`, `--cpu_devices`) plus `--top` and `--trace_dir`.
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ def main(argv: list[str]) -> None:
 
   # pylint: disable=protected-access
   dtype, steps = step_bench._DTYPE.value, step_bench._STEPS.value
-  config = step_bench.benchmark_config(step_bench._CONFIG.value, dtype)
+  config = step_bench.benchmark_config(step_bench._CONFIG.value, dtype,
+                                       step_bench._LLM_WEIGHTS.value)
   batch_size = step_bench._BATCH_SIZE.value or config.train.batch_size
   caption_length = step_bench._CAPTION_LENGTH.value or config.data.max_length
   # pylint: enable=protected-access
@@ -160,6 +162,8 @@ def main(argv: list[str]) -> None:
   trace_dir = _TRACE_DIR.value or tempfile.mkdtemp(prefix='clamp_profile_')
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     run_step()
+  with open(os.path.join(trace_dir, 'step.hlo.txt'), 'w', encoding='utf-8') as f:
+    f.write(prepared.compiled.as_text())
   events = read_trace(trace_dir)
   span_ms = (max(e['ts'] + e['dur'] for e in events) - min(e['ts'] for e in events)) / 1e3
   state_rows, alone_rows = occupancy(events, descriptions)
@@ -170,8 +174,8 @@ def main(argv: list[str]) -> None:
   print(f'step seconds: {", ".join(f"{s:.3f}" for s in seconds)} '
         f'(median {statistics.median(seconds):.3f})')
   print(f'minor page faults per step: {", ".join(str(f) for f in faults)}')
-  print(f'traced step: {span_ms:.0f} ms from the first operation to the last; trace in '
-        f'{trace_dir}\n')
+  print(f'traced step: {span_ms:.0f} ms from the first operation to the last; trace and the '
+        f'compiled HLO (step.hlo.txt) in {trace_dir}\n')
   print('Time summed over threads, by operation')
   print(common.format_table(summed_times(events, descriptions)[:_TOP.value],
                             [('ms', 'ms', '.1f'), ('count', 'count', 'd'),

@@ -48,6 +48,10 @@ _DTYPE = flags.DEFINE_enum(
     'dtype', 'float32', ['float32', 'bfloat16'],
     'Compute dtype of both towers (model.llm_dtype and model.vit.dtype). Weights keep the '
     "config's storage dtype.")
+_LLM_WEIGHTS = flags.DEFINE_enum(
+    'llm_weights', 'config', ['config', 'compute'],
+    "Storage dtype of the frozen LLM's weights: 'config' keeps model.llm_param_dtype, 'compute' "
+    'stores them in --dtype. The trainable parameters keep theirs.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per point; at least 5.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps per point after compiling.')
 _MATMUL_SIZE = flags.DEFINE_integer('matmul_size', 2048,
@@ -67,13 +71,18 @@ _CPU_DEVICES = flags.DEFINE_integer(
 _JSON_OUT = flags.DEFINE_string('json_out', '', 'Also write the JSON result to this file.')
 
 
-def benchmark_config(config, dtype: str):
-  """Copy of `config` with one caption per image and `dtype` compute in both towers."""
+def benchmark_config(config, dtype: str, llm_weights: str = 'config'):
+  """Return a copy of `config` with one caption per image and `dtype` compute in both towers.
+
+  With `llm_weights='compute'` the LLM's weights are stored in `dtype` too.
+  """
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.data.caption_table = False
     config.model.llm_dtype = dtype
     config.model.vit.dtype = dtype
+    if llm_weights == 'compute':
+      config.model.llm_param_dtype = dtype
   return config
 
 
@@ -243,7 +252,7 @@ def main(argv: list[str]) -> None:
   common.check_step_counts(_STEPS.value, _WARMUP.value)
   from clamp_jax.configuration import ConfigError, validate_config
 
-  config = benchmark_config(_CONFIG.value, _DTYPE.value)
+  config = benchmark_config(_CONFIG.value, _DTYPE.value, _LLM_WEIGHTS.value)
   batch_size = _BATCH_SIZE.value or config.train.batch_size
   caption_length = _CAPTION_LENGTH.value or config.data.max_length
   points = common.measured_points(

@@ -67,7 +67,7 @@ def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
                    layers=vit.layers, heads=vit.heads, mlp_ratio=vit.mlp_ratio,
                    embed_dim=config.model.embed_dim, act=vit.act, pool=vit.pool,
                    dtype=vit.dtype, param_dtype=vit.param_dtype, remat=config.model.remat,
-                   scan_layers=config.model.scan_layers)
+                   scan_layers=config.model.scan_layers, matmul=config.model.matmul)
 
 
 def check_image_tower_checkpoint(config: ml_collections.ConfigDict) -> None:

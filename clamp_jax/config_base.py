@@ -47,8 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
   # (jax.nn.dot_product_attention with that implementation; 'cudnn' needs an NVIDIA GPU and
   # bfloat16 compute).
   model.attention = 'einsum'
-  # Matmul backend of the LLM's linear layers: 'xla', or 'onednn' for oneDNN's bfloat16 kernels
-  # on the CPU (XLA:CPU computes bfloat16 dots in float32). Needs the cpu-bf16 extra.
+  # Matmul backend of both towers' linear layers: 'xla', or 'onednn' for oneDNN's bfloat16
+  # kernels on the CPU (XLA:CPU computes bfloat16 dots in float32). Needs the cpu-bf16 extra.
   model.matmul = 'xla'
   model.embed_dim = 512  # Shared image-text embedding size.
   model.num_prompts = 24  # Read-only prompt tokens appended after each caption.

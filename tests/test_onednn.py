@@ -1,4 +1,4 @@
-"""oneDNN matmuls (`model.matmul='onednn'`): products, gradients, a Llama, greedy generation and
+"""oneDNN matmuls (`model.matmul='onednn'`): products, gradients, a Llama, a ViT, greedy generation and
 sharded training against XLA's dots, and the errors when the library is missing or the value is
 unknown."""
 
@@ -16,6 +16,7 @@ from clamp_jax.generate import generate_ids
 from clamp_jax.models import onednn
 from clamp_jax.models.llama import Llama, LlamaConfig
 from clamp_jax.models.lora import LoRAConfig, apply_lora, iter_linears
+from clamp_jax.models.vit import VisionTransformer, ViTConfig
 from conftest import REPO, run_main_command
 from test_parallel import train_losses
 
@@ -94,6 +95,36 @@ def test_llama_logits_and_adapter_gradients_match_xla(scan_layers):
   for expected, got in zip(grads_xla, grads_onednn):
     scale = float(np.max(np.abs(expected)))
     assert scale > 0
+    assert np.max(np.abs(np.asarray(got) - np.asarray(expected))) <= 1e-4 * scale
+
+
+def test_vit_gradients_match_xla():
+  """The image tower trains from scratch in the default job, so its weight gradients count."""
+  images = jax.random.normal(jax.random.key(2), (3, 16, 16, 3))
+  direction = jax.random.normal(jax.random.key(3), (3, 24))
+
+  def loss(model):
+    embeddings = model(images)
+    return jnp.sum(embeddings * direction), embeddings
+
+  results = {}
+  for matmul in ('xla', 'onednn'):
+    config = ViTConfig(image_size=16, patch_size=4, width=32, layers=2, heads=4, embed_dim=24,
+                       matmul=matmul)
+    model = VisionTransformer(config, rngs=nnx.Rngs(0))
+    grad_fn = nnx.value_and_grad(loss, has_aux=True)
+    (_, embeddings), grads = nnx.jit(grad_fn)(model)
+    results[matmul] = (np.asarray(embeddings), jax.tree.leaves(nnx.to_pure_dict(grads)))
+  embeddings_xla, grads_xla = results['xla']
+  embeddings_onednn, grads_onednn = results['onednn']
+  assert np.max(np.abs(embeddings_onednn - embeddings_xla)) <= 1e-4 * np.max(np.abs(embeddings_xla))
+  assert len(grads_xla) == len(grads_onednn) > 2 * 6
+  largest = max(float(np.max(np.abs(g))) for g in grads_xla)
+  assert largest > 0
+  for expected, got in zip(grads_xla, grads_onednn):
+    # The key bias has a zero gradient in exact arithmetic, because softmax ignores a shift per
+    # query. So each leaf's tolerance is at least 1e-6 of the largest gradient.
+    scale = max(float(np.max(np.abs(expected))), 1e-2 * largest)
     assert np.max(np.abs(np.asarray(got) - np.asarray(expected))) <= 1e-4 * scale
 
 

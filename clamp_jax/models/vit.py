@@ -50,6 +50,8 @@ class ViTConfig:
   param_dtype: str = 'float32'  # Storage dtype of the weights.
   remat: str = 'none'  # Rematerialisation of each block: 'none', 'full', 'dots', 'dots_no_batch'.
   scan_layers: bool = False  # Run the blocks as one `jax.lax.scan`.
+  # Matmul backend of the blocks' linear layers: 'xla', or 'onednn' (`clamp_jax.models.onednn`).
+  matmul: str = 'xla'
 
   def __post_init__(self):
     for name in ('image_size', 'patch_size', 'width', 'layers', 'heads', 'embed_dim'):
@@ -106,7 +108,7 @@ class Attention(nnx.Module):
     self.head_dim = config.head_dim
     self.dtype = jnp.dtype(config.dtype)
     dims = dict(use_bias=True, dtype=self.dtype, param_dtype=jnp.dtype(config.param_dtype),
-                rngs=rngs)
+                matmul=config.matmul, rngs=rngs)
     width = config.width
     self.q_proj = Linear(width, width, axes=('embed', 'heads'), **dims)
     self.k_proj = Linear(width, width, axes=('embed', 'heads'), **dims)
@@ -141,7 +143,7 @@ class MLP(nnx.Module):
 
   def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
     dims = dict(use_bias=True, dtype=jnp.dtype(config.dtype),
-                param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
+                param_dtype=jnp.dtype(config.param_dtype), matmul=config.matmul, rngs=rngs)
     self.act = activation(config.act)
     self.fc1 = Linear(config.width, config.mlp_dim, axes=('embed', 'mlp'), **dims)
     self.fc2 = Linear(config.mlp_dim, config.width, axes=('mlp', 'embed'), **dims)
