@@ -42,6 +42,7 @@ SUMMARY_COLUMNS = [
     ('implementation', 'implementation', 's'),
     ('precision', 'precision', 's'),
     ('matmul', 'matmul', 's'),
+    ('attention', 'attention', 's'),
     ('llm_weights', 'LLM weights', 's'),
     ('device_count', 'devices', 'd'),
     ('batch_size', 'batch', 'd'),
@@ -75,9 +76,9 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument('--ours_dtypes', default='float32,bfloat16',
                       help='Comma-separated compute dtypes of our step.')
   parser.add_argument('--ours_matmul', default='xla',
-                      help="Comma-separated matmul backends of our step's LLM "
-                           "(config.model.matmul: xla, onednn). Each dtype runs with each; "
-                           'onednn needs the cpu-bf16 extra.')
+                      help="Comma-separated matmul backends of our step (config.model.matmul: "
+                           'xla, onednn); onednn also sets config.model.attention=onednn. Each '
+                           'dtype runs with each; onednn needs the cpu-bf16 extra.')
   parser.add_argument('--ours_llm_weights', default='config', choices=['config', 'compute'],
                       help="Storage dtype of the frozen LLM's weights in our step, the sweep's "
                            "too (bench/step.py --llm_weights): 'config' keeps "
@@ -142,6 +143,15 @@ def cpu_device_counts(text: str) -> list[int]:
   return counts
 
 
+def backend_flags(matmul: str) -> list[str]:
+  """Config overrides of one `--ours_matmul` value: 'onednn' also runs the attention's products
+  through oneDNN."""
+  flags = [f'--config.model.matmul={matmul}']
+  if matmul == 'onednn':
+    flags.append('--config.model.attention=onednn')
+  return flags
+
+
 def common_flags(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
   flags = [f'--steps={args.steps}', f'--warmup={args.warmup}',
            f'--matmul_size={args.matmul_size}']
@@ -185,6 +195,7 @@ def summary_row(result: dict, point: dict) -> dict:
   return {'implementation': 'ours (JAX)' if ours else 'reference (PyTorch)',
           'precision': result['dtype'] if ours else result['precision'],
           'matmul': result.get('matmul_backend', 'xla') if ours else 'torch',
+          'attention': result.get('attention', 'einsum') if ours else 'torch',
           'llm_weights': (result.get('llm_param_dtype', '-') if ours
                           else 'bfloat16' if result['precision'] == 'bf16' else 'float32'),
           'device_count': result.get('device_count'),
@@ -215,7 +226,7 @@ def samples_ratio(numerator: dict | None, denominator: dict | None) -> float | N
 def compare(args: argparse.Namespace, passthrough: list[str], out_dir: str) -> int:
   flags = common_flags(args, passthrough)
   runs = [('step.py', [*flags, f'--dtype={dtype}', f'--cpu_devices={devices}',
-                       f'--config.model.matmul={matmul}', f'--llm_weights={args.ours_llm_weights}'],
+                       *backend_flags(matmul), f'--llm_weights={args.ours_llm_weights}'],
            f'ours {dtype} with {matmul} matmuls on {devices or "default"} devices',
            f'ours_{dtype}_{matmul}_{devices}.json')
           for devices in cpu_device_counts(args.ours_cpu_devices)

@@ -314,6 +314,7 @@ def main(argv: list[str]) -> None:
       'dtype': _DTYPE.value,
       'llm_param_dtype': config.model.llm_param_dtype,
       'matmul_backend': config.model.matmul,
+      'attention': config.model.attention,
       'num_prompts': config.model.num_prompts,
       'scan_layers': config.model.scan_layers,
       'remat': config.model.remat,

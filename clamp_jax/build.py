@@ -45,7 +45,7 @@ def build_llm(config: ml_collections.ConfigDict, place=None):
   `clamp_jax.parallel.sharded_placer`).
   """
   model_config = config.model
-  if model_config.matmul == 'onednn':
+  if 'onednn' in (model_config.matmul, model_config.attention):
     onednn.check_usable()
   overrides = dict(dtype=model_config.llm_dtype, param_dtype=model_config.llm_param_dtype,
                    remat=model_config.remat, scan_layers=model_config.scan_layers,

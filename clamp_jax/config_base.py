@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   model.scan_layers = False
   # LLM attention kernel: 'einsum' (two einsums, float32 softmax), 'xla' or 'cudnn'
   # (jax.nn.dot_product_attention with that implementation; 'cudnn' needs an NVIDIA GPU and
-  # bfloat16 compute).
+  # bfloat16 compute), or 'onednn' (the batched products through oneDNN on the CPU).
   model.attention = 'einsum'
   # Matmul backend of both towers' linear layers: 'xla', or 'onednn' for oneDNN's bfloat16
   # kernels on the CPU (XLA:CPU computes bfloat16 dots in float32). Needs the cpu-bf16 extra.

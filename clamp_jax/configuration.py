@@ -18,7 +18,7 @@ DTYPES = ('float32', 'bfloat16')
 # Kept in step with clamp_jax.models.layers.REMAT_CHOICES, which needs JAX to import.
 REMAT_CHOICES = ('none', 'full', 'dots', 'dots_no_batch')
 # Kept in step with clamp_jax.models.llama.ATTENTION_KERNELS.
-ATTENTION_KERNELS = ('einsum', 'xla', 'cudnn')
+ATTENTION_KERNELS = ('einsum', 'xla', 'cudnn', 'onednn')
 # Kept in step with clamp_jax.models.layers.MATMUL_BACKENDS.
 MATMUL_BACKENDS = ('xla', 'onednn')
 

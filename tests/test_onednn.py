@@ -1,6 +1,6 @@
-"""oneDNN matmuls (`model.matmul='onednn'`): products, gradients, a Llama, a ViT, greedy generation and
-sharded training against XLA's dots, and the errors when the library is missing or the value is
-unknown."""
+"""oneDNN matmuls (`model.matmul='onednn'`) and attention (`model.attention='onednn'`): products,
+gradients, a Llama, a ViT, greedy generation and sharded training against XLA's dots, and the
+errors when the library is missing or the value is unknown."""
 
 import dataclasses
 import sys
@@ -13,7 +13,7 @@ from flax import nnx
 
 from clamp_jax.configuration import ConfigError, validate_config
 from clamp_jax.generate import generate_ids
-from clamp_jax.models import onednn
+from clamp_jax.models import onednn, onednn_attention
 from clamp_jax.models.llama import Llama, LlamaConfig
 from clamp_jax.models.lora import LoRAConfig, apply_lora, iter_linears
 from clamp_jax.models.vit import VisionTransformer, ViTConfig
@@ -61,8 +61,8 @@ def test_operand_checks():
     onednn.matmul(jnp.ones((2, 3)), jnp.ones((4, 4)))
 
 
-def lora_llama(matmul: str, scan_layers: bool) -> Llama:
-  config = dataclasses.replace(CONFIG, matmul=matmul, scan_layers=scan_layers)
+def lora_llama(matmul: str, scan_layers: bool, attention: str = 'einsum') -> Llama:
+  config = dataclasses.replace(CONFIG, matmul=matmul, scan_layers=scan_layers, attention=attention)
   model = Llama(config, rngs=nnx.Rngs(0))
   apply_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.0), rngs=nnx.Rngs(1))
   key = jax.random.key(7)
@@ -73,8 +73,9 @@ def lora_llama(matmul: str, scan_layers: bool) -> Llama:
   return model
 
 
-@pytest.mark.parametrize('scan_layers', [False, True])
-def test_llama_logits_and_adapter_gradients_match_xla(scan_layers):
+@pytest.mark.parametrize('scan_layers,attention',
+                         [(False, 'einsum'), (True, 'einsum'), (False, 'onednn'), (True, 'onednn')])
+def test_llama_logits_and_adapter_gradients_match_xla(scan_layers, attention):
   ids = jax.random.randint(jax.random.key(5), (2, 7), 1, CONFIG.vocab_size)
   mask = jnp.asarray([[1] * 7, [1] * 4 + [0] * 3], jnp.int32)
 
@@ -84,7 +85,7 @@ def test_llama_logits_and_adapter_gradients_match_xla(scan_layers):
 
   results = {}
   for matmul in ('xla', 'onednn'):
-    model = lora_llama(matmul, scan_layers)
+    model = lora_llama(matmul, scan_layers, attention if matmul == 'onednn' else 'einsum')
     grad_fn = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)
     (_, logits), grads = nnx.jit(grad_fn)(model)
     results[matmul] = (np.asarray(logits), jax.tree.leaves(nnx.to_pure_dict(grads)))
@@ -128,6 +129,41 @@ def test_vit_gradients_match_xla():
     assert np.max(np.abs(np.asarray(got) - np.asarray(expected))) <= 1e-4 * scale
 
 
+def einsum_attention(q, k, v, mask):
+  b, t, heads, d = q.shape
+  kv_heads = k.shape[2]
+  grouped = q.reshape(b, t, kv_heads, heads // kv_heads, d)
+  scores = jnp.einsum('btkgd,bskd->bkgts', grouped, k).astype(jnp.float32) / np.sqrt(d)
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  return jnp.einsum('bkgts,bskd->btkgd', weights, v).reshape(b, t, heads, d)
+
+
+@pytest.mark.parametrize('dtype,tolerance', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_attention_and_gradients_match_einsum(dtype, tolerance):
+  keys = jax.random.split(jax.random.key(4), 4)
+  q = jax.random.normal(keys[0], (3, 7, 6, 8)).astype(dtype)
+  k = jax.random.normal(keys[1], (3, 7, 2, 8)).astype(dtype)
+  v = jax.random.normal(keys[2], (3, 7, 2, 8)).astype(dtype)
+  cotangent = jax.random.normal(keys[3], (3, 7, 6, 8))
+  # Left padding in row 1: its first two queries see no real key at all.
+  real = jnp.asarray([[1] * 7, [0, 0, 1, 1, 1, 1, 1], [1] * 4 + [0] * 3], bool)
+  mask = jnp.tril(jnp.ones((7, 7), bool))[None, None] & real[:, None, None, :]
+
+  def results(function):
+    def loss(q, k, v):
+      return jnp.sum(function(q, k, v, mask).astype(jnp.float32) * cotangent)
+
+    output = jax.jit(function)(q, k, v, mask)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    return [np.asarray(t, np.float32) for t in (output, *grads)]
+
+  for expected, got in zip(results(einsum_attention), results(onednn_attention.attention)):
+    scale = float(np.max(np.abs(expected)))
+    assert scale > 0
+    assert np.max(np.abs(got - expected)) <= tolerance * scale
+
+
 def test_unknown_backend_is_rejected_before_compiling():
   sys.path.insert(0, REPO)
   from configs import tiny
@@ -164,7 +200,7 @@ def test_sharded_training_matches_single_device_xla(tmp_path):
   assert sorted(reference) == [1, 2, 3]
   # Each of the 8 devices multiplies its own shard of the batch.
   losses = train_losses(tmp_path / 'onednn', {'data': 8}, devices=8,
-                        extra=('--config.model.matmul=onednn',))
+                        extra=('--config.model.matmul=onednn', '--config.model.attention=onednn'))
   for step, expected in reference.items():
     assert abs(losses[step] - expected) <= 1e-4, (step, losses[step], expected)
 
@@ -172,8 +208,12 @@ def test_sharded_training_matches_single_device_xla(tmp_path):
 def test_greedy_generation_matches_xla():
   ids = jnp.asarray([[0, 0, 5, 9, 11], [3, 7, 2, 8, 4]], jnp.int32)
   mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], jnp.int32)
-  tokens = {matmul: generate_ids(lora_llama(matmul, scan_layers=False), ids, mask,
-                                 max_new_tokens=6)
-            for matmul in ('xla', 'onednn')}
-  assert tokens['onednn'].shape == (2, 6)
-  np.testing.assert_array_equal(tokens['onednn'], tokens['xla'])
+  tokens = {(matmul, attention): generate_ids(lora_llama(matmul, False, attention), ids, mask,
+                                              max_new_tokens=6)
+            for matmul, attention in (('xla', 'einsum'), ('onednn', 'einsum'),
+                                      ('onednn', 'onednn'))}
+  expected = tokens['xla', 'einsum']
+  assert expected.shape == (2, 6)
+  np.testing.assert_array_equal(tokens['onednn', 'einsum'], expected)
+  # With the KV cache each new query attends over the whole cache.
+  np.testing.assert_array_equal(tokens['onednn', 'onednn'], expected)

@@ -18,13 +18,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from clamp_jax.models import onednn_attention
 from clamp_jax.models.layers import Embedding, Linear, RMSNorm, run_layers
 from clamp_jax.parallel import constrain
 
 KVCache = list[dict[str, jax.Array]]
 
 
-ATTENTION_KERNELS = ('einsum', 'xla', 'cudnn')
+ATTENTION_KERNELS = ('einsum', 'xla', 'cudnn', 'onednn')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,8 @@ class LlamaConfig:
   scan_layers: bool = False
   # Attention kernel: 'einsum' (two einsums and a float32 softmax), or 'xla' or 'cudnn' for
   # `jax.nn.dot_product_attention` with that implementation. cuDNN needs an NVIDIA GPU and
-  # bfloat16 or float16 compute.
+  # bfloat16 or float16 compute. 'onednn' runs the batched products through oneDNN on the CPU
+  # (`clamp_jax.models.onednn_attention`).
   attention: str = 'einsum'
   # Matmul backend of the decoder's linear layers: 'xla', or 'onednn' for oneDNN's bfloat16 (or
   # float32) kernels on the CPU (`clamp_jax.models.onednn`), which XLA:CPU lacks for bfloat16.
@@ -244,6 +246,8 @@ class Attention(nnx.Module):
 
     if self.kernel == 'einsum':
       out = self.einsum_attention(q, k, v, mask)
+    elif self.kernel == 'onednn':
+      out = onednn_attention.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
     else:
       # Query head h reads key-value head h // groups, as in the einsum path.
       # NOTE: with 'xla', a row with every key masked (a padding query) gets uniform weights, as in

@@ -49,7 +49,7 @@ _DNNL_ARG_SCRATCHPAD = 80
 _DNNL_QUERY_IMPL_INFO_STR = 8
 _DNNL_QUERY_SCRATCHPAD_MD = 136
 _DNNL_SCRATCHPAD_MODE_USER = 1
-_DNNL_DATA_TYPES = {np.dtype(ml_dtypes.bfloat16): 2, np.dtype(np.float32): 3}
+DATA_TYPES = {np.dtype(ml_dtypes.bfloat16): 2, np.dtype(np.float32): 3}
 _MAX_DIMS = 12
 _Dims = ctypes.c_int64 * _MAX_DIMS
 
@@ -109,7 +109,8 @@ class _Library:
     self.engine = ctypes.c_void_p()
     self._check(self.dnnl.dnnl_engine_create(ctypes.byref(self.engine), _DNNL_CPU, 0),
                 'dnnl_engine_create')
-    # Key (m, k, n, dtype, transpose_w); value (primitive, descriptors, scratchpad bytes, name).
+    # Key: (shape, strides, dtype) of src, weights and dst. Value: (primitive, descriptors,
+    # scratchpad bytes, kernel name).
     self._primitives: dict[tuple, tuple] = {}
     self._lock = threading.Lock()
     self._local = threading.local()
@@ -119,21 +120,28 @@ class _Library:
     if status != 0:
       raise OneDNNError(f'oneDNN {operation} failed with status {status}.')
 
-  def _descriptor(self, rows: int, cols: int, dtype: int, transposed: bool) -> ctypes.c_void_p:
+  def _descriptor(self, array: np.ndarray) -> ctypes.c_void_p:
+    """Create a memory descriptor of `array`'s shape, dtype and strides (a NumPy view may be
+    strided)."""
     descriptor = ctypes.c_void_p()
-    strides = _Dims(1, rows) if transposed else _Dims(cols, 1)
+    strides = [stride // array.itemsize for stride in array.strides]
+    for axis, size in enumerate(array.shape):
+      if size == 1:
+        # Any stride addresses a dimension of size 1 (NumPy gives 0 to an added axis). oneDNN
+        # reads layouts from the strides' order, so it gets the span of the inner dimensions.
+        strides[axis] = max([strides[inner] * array.shape[inner]
+                             for inner in range(axis + 1, array.ndim)], default=1)
     self._check(self.dnnl.dnnl_memory_desc_create_with_strides(
-        ctypes.byref(descriptor), 2, _Dims(rows, cols), dtype, strides),
-                'dnnl_memory_desc_create_with_strides')
+        ctypes.byref(descriptor), array.ndim, _Dims(*array.shape),
+        DATA_TYPES[array.dtype], _Dims(*strides)), 'dnnl_memory_desc_create_with_strides')
     return descriptor
 
-  def primitive(self, m: int, k: int, n: int, dtype: int, transpose_w: bool):
-    key = (m, k, n, dtype, transpose_w)
+  def primitive(self, src: np.ndarray, weights: np.ndarray, dst: np.ndarray):
+    """Return the matmul primitive for these operands' shapes, strides and dtypes, created once."""
+    key = tuple((a.shape, a.strides, a.dtype.str) for a in (src, weights, dst))
     with self._lock:
       if key not in self._primitives:
-        descriptors = (self._descriptor(m, k, dtype, False),
-                       self._descriptor(k, n, dtype, transpose_w),
-                       self._descriptor(m, n, dtype, False))
+        descriptors = tuple(self._descriptor(a) for a in (src, weights, dst))
         # With the default (library) scratchpad, primitives share one buffer, and two threads
         # executing at once overwrite each other's data. So each call passes its own buffer.
         attributes = ctypes.c_void_p()
@@ -144,7 +152,8 @@ class _Library:
         primitive_desc = ctypes.c_void_p()
         self._check(self.dnnl.dnnl_matmul_primitive_desc_create(
             ctypes.byref(primitive_desc), self.engine, descriptors[0], descriptors[1], None,
-            descriptors[2], attributes), f'matmul descriptor for [{m}, {k}] x [{k}, {n}]')
+            descriptors[2], attributes),
+                    f'matmul descriptor for {src.shape} x {weights.shape} -> {dst.shape}')
         scratchpad = ctypes.c_void_p(self.dnnl.dnnl_primitive_desc_query_md(
             primitive_desc, _DNNL_QUERY_SCRATCHPAD_MD, 0))
         scratchpad_bytes = self.dnnl.dnnl_memory_desc_get_size(scratchpad) if scratchpad else 0
@@ -178,7 +187,9 @@ class _Library:
 
   def implementation(self, m: int, k: int, n: int, dtype, transpose_w: bool = False) -> str:
     """Name of the oneDNN kernel for this problem, such as 'brg:avx512_core_bf16'."""
-    return self.primitive(m, k, n, _DNNL_DATA_TYPES[np.dtype(dtype)], transpose_w)[3]
+    weights = np.empty((n, k) if transpose_w else (k, n), dtype)
+    return self.primitive(np.empty((m, k), dtype), weights.T if transpose_w else weights,
+                          np.empty((m, n), dtype))[3]
 
   def matmul(self, x: np.ndarray, w: np.ndarray, out: np.ndarray, transpose_w: bool,
              threads: int) -> None:
@@ -194,9 +205,17 @@ class _Library:
     if k == 0:
       out[...] = 0
       return
-    primitive, descriptors, scratchpad_bytes, _ = self.primitive(
-        m, k, n, _DNNL_DATA_TYPES[x.dtype], transpose_w)
-    buffers = [x.ctypes.data, w.ctypes.data, out.ctypes.data]
+    self.strided_matmul(x, w.T if transpose_w else w, out, threads)
+
+  def strided_matmul(self, src: np.ndarray, weights: np.ndarray, dst: np.ndarray,
+                     threads: int) -> None:
+    """Write `src @ weights` into `dst`: NumPy views `[..., m, k]`, `[..., k, n]` and
+    `[..., m, n]` with any strides, batch dimensions of size 1 in `weights` broadcast.
+
+    `src` and `weights` share a dtype, and `dst` has theirs or float32.
+    """
+    primitive, descriptors, scratchpad_bytes, _ = self.primitive(src, weights, dst)
+    buffers = [src.ctypes.data, weights.ctypes.data, dst.ctypes.data]
     arg_ids = [_DNNL_ARG_SRC, _DNNL_ARG_WEIGHTS, _DNNL_ARG_DST]
     if scratchpad_bytes:
       buffers.append(self.scratchpad(scratchpad_bytes))
@@ -216,7 +235,7 @@ class _Library:
                                           for arg, memory in zip(arg_ids, memories)))
       stream = self.stream()
       self._check(self.dnnl.dnnl_primitive_execute(primitive, stream, len(memories), args),
-                  f'matmul [{m}, {k}] x [{k}, {n}]')
+                  f'matmul {src.shape} x {weights.shape}')
       self._check(self.dnnl.dnnl_stream_wait(stream), 'dnnl_stream_wait')
     finally:
       for memory in memories:
@@ -258,10 +277,8 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
-def _host_matmul(context, out, x, w, *, transpose_w: bool, threads: int) -> None:
+def _host_matmul(out, x, w, *, transpose_w: bool, threads: int) -> None:
   """Write `x @ w` (or `x @ w.T`) into the output buffer `out` in place."""
-  del context
-  x, w, out = np.asarray(x), np.asarray(w), np.asarray(out)
   library().matmul(x.reshape(-1, x.shape[-1]), w, out.reshape(-1, out.shape[-1]), transpose_w,
                    threads)
 
@@ -286,37 +303,59 @@ def count_flops() -> Iterator[list[float]]:
     _COUNTER.value = previous
 
 
-def _call(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
-  """Run the product on the host, one call per device shard of the batch."""
+def add_flops(flops: float) -> None:
+  """Add `flops` to the running `count_flops()` total, if one is open."""
   counter = getattr(_COUNTER, 'value', None)
   if counter is not None:
-    counter[0] += 2.0 * math.prod(x.shape) * (w.shape[0] if transpose_w else w.shape[1])
+    counter[0] += flops
+
+
+def _call(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
+  n = w.shape[0] if transpose_w else w.shape[1]
+  add_flops(2.0 * math.prod(x.shape) * n)
+  return run_on_host(functools.partial(_host_matmul, transpose_w=transpose_w),
+                     jax.ShapeDtypeStruct((*x.shape[:-1], n), x.dtype), (x, w),
+                     batched=(True, False))
+
+
+def run_on_host(host, result: jax.ShapeDtypeStruct, operands, batched) -> jax.Array:
+  """Compute `result` with `host(out, *operands, threads=N)` on NumPy views of XLA's buffers.
+
+  Under activation sharding each device runs `host` with `cores / local devices` OpenMP threads
+  on its own shard of the batch: the leading axis of `result` and of each operand marked in
+  `batched`. The other operands are passed whole.
+  """
   context = parallel.current_activation_context()
   mesh = context[0] if context else None
   if mesh is None or mesh.size == 1:
-    return _callback(x, w, transpose_w, _cores())
+    return _callback(host, result, operands, _cores())
   batch_axes = parallel.batch_mesh_axes(mesh, context[1])
   shards = parallel.batch_shards(mesh, context[1])
-  if not batch_axes or x.ndim < 2 or x.shape[0] % shards:
+  if (not batch_axes or len(result.shape) < 2 or result.shape[0] % shards
+      or any(operand.shape[0] % shards for operand, split in zip(operands, batched) if split)):
     # Only the leading (batch) dimension is split; anything else runs whole on one device.
-    return _callback(x, w, transpose_w, _cores())
+    return _callback(host, result, operands, _cores())
   local_devices = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
   threads = max(1, _cores() // max(1, local_devices))
   spec = PartitionSpec(batch_axes if len(batch_axes) > 1 else batch_axes[0])
-  return jax.shard_map(functools.partial(_callback, transpose_w=transpose_w, threads=threads),
-                       mesh=mesh, in_specs=(spec, PartitionSpec()), out_specs=spec,
-                       check_vma=False)(x, w)
+  local = jax.ShapeDtypeStruct((result.shape[0] // shards, *result.shape[1:]), result.dtype)
+  return jax.shard_map(lambda *parts: _callback(host, local, parts, threads), mesh=mesh,
+                       in_specs=tuple(spec if split else PartitionSpec() for split in batched),
+                       out_specs=spec, check_vma=False)(*operands)
 
 
-def _callback(x: jax.Array, w: jax.Array, transpose_w: bool, threads: int) -> jax.Array:
-  n = w.shape[0] if transpose_w else w.shape[1]
-  result = jax.ShapeDtypeStruct((*x.shape[:-1], n), x.dtype)
+def _callback(host, result: jax.ShapeDtypeStruct, operands, threads: int) -> jax.Array:
   # buffer_callback hands over XLA's own buffers: no copies in, and the output written in place.
   # (pure_callback passes jax.Arrays, whose conversion to NumPy can wait on the very program
   # that runs the callback.)
   return buffer_callback.buffer_callback(
-      functools.partial(_host_matmul, transpose_w=transpose_w, threads=threads), result,
-      vmap_method='sequential')(x, w)
+      functools.partial(_host_entry, host=host, threads=threads), result,
+      vmap_method='sequential')(*operands)
+
+
+def _host_entry(context, out, *operands, host, threads: int) -> None:
+  del context
+  host(np.asarray(out), *(np.asarray(operand) for operand in operands), threads=threads)
 
 
 @jax.custom_vjp
@@ -343,7 +382,7 @@ _matmul.defvjp(_matmul_forward, _matmul_backward)
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """Compute `x @ w` with oneDNN for `x` `[..., k]` and `w` `[k, n]` of one dtype (bfloat16 or
   float32)."""
-  if x.dtype != w.dtype or np.dtype(x.dtype) not in _DNNL_DATA_TYPES:
+  if x.dtype != w.dtype or np.dtype(x.dtype) not in DATA_TYPES:
     raise TypeError(f'oneDNN matmul takes two bfloat16 or two float32 operands, got {x.dtype} '
                     f'and {w.dtype}.')
   if w.ndim != 2 or x.shape[-1] != w.shape[0]:
