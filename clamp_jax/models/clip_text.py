@@ -26,8 +26,8 @@ LEGACY_EOS_TOKEN_ID = 2
 class CLIPTextConfig:
   """Architecture of the CLIP text transformer. The defaults are OpenAI CLIP ViT-B's.
 
-  The field names `width`, `heads`, `mlp_dim`, `act`, `layer_norm_eps`, `dtype` and
-  `param_dtype` are the ones `EncoderBlock` reads from a `ViTConfig`.
+  The field names `width`, `heads`, `mlp_dim`, `act`, `layer_norm_eps`, `dtype`, `param_dtype`
+  and `matmul` are the ones `EncoderBlock` reads from a `ViTConfig`.
   """
 
   vocab_size: int = 49408
@@ -44,6 +44,7 @@ class CLIPTextConfig:
   param_dtype: str = 'float32'
   remat: str = 'none'
   scan_layers: bool = False
+  matmul: str = 'xla'  # Matmul backend of the blocks' linear layers: 'xla' or 'onednn'.
 
   def __post_init__(self):
     for name in ('vocab_size', 'max_length', 'width', 'layers', 'heads', 'mlp_dim',

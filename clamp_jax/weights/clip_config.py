@@ -30,7 +30,7 @@ HF_TEXT_DEFAULTS = dict(
 HF_PROJECTION_DIM = 512
 
 # ViTConfig fields that set how the tower runs, not what it computes.
-RUN_SETTINGS = ('dtype', 'param_dtype', 'remat', 'scan_layers')
+RUN_SETTINGS = ('dtype', 'param_dtype', 'remat', 'scan_layers', 'matmul')
 # ViTConfig fields that a requested config must share with the checkpoint. `layer_norm_eps` is
 # not among them: a Hugging Face config.json sets it, and open_clip uses PyTorch's 1e-5.
 ARCHITECTURE_FIELDS = ('image_size', 'patch_size', 'width', 'layers', 'heads', 'mlp_dim',
