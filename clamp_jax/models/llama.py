@@ -143,7 +143,8 @@ def rope_inverse_frequencies(config: LlamaConfig) -> jax.Array:
 
 
 def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Cosines and sines `[b, t, 1, d/2]` (float32) of the rotary angles at `positions` `[b, t]`.
+  """Compute the cosines and sines `[b, t, 1, d/2]` (float32) of the rotary angles at
+  `positions` `[b, t]`.
 
   Computed once per forward pass and shared by every layer. XLA would otherwise fuse the
   cosines and sines into each layer's rotation and evaluate them again for every head, at several
@@ -224,8 +225,8 @@ class Attention(nnx.Module):
       cache: dict[str, jax.Array] | None = None,
       cache_index: jax.Array | int = 0,
   ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-    """Attend over `x` `[b, t, embed]`; `rope` is `rope_tables(positions, ...)` and `mask` is
-    `[b, 1, t, s]` with s the key length.
+    """Attend over `x` `[b, t, embed]` with the rotary tables `rope` (from `rope_tables`) and the
+    mask `[b, 1, t, s]`, where s is the key length.
 
     With a cache (`k`, `v` of shape `[b, max_len, kv_heads, d]`), the new keys and values are written
     at `cache_index` and the queries attend over the whole cache, so `s == max_len`.
