@@ -208,12 +208,12 @@ def test_hash_dropout_rate_mean_and_independence():
   assert abs(np.mean(first) - 1.0) < 1.5e-3
   # Neighbours along every axis, and the same element in two calls, agree only as often as
   # independent draws do (0.9**2 + 0.1**2 = 0.82).
-  kept, kept_again = first != 0, second != 0
+  first_kept, second_kept = first != 0, second != 0
   for axis in range(3):
-    head = np.take(kept, range(kept.shape[axis] - 1), axis=axis)
-    tail = np.take(kept, range(1, kept.shape[axis]), axis=axis)
+    head = np.take(first_kept, range(first_kept.shape[axis] - 1), axis=axis)
+    tail = np.take(first_kept, range(1, first_kept.shape[axis]), axis=axis)
     assert abs(np.mean(head == tail) - 0.82) < 3e-3, axis
-  assert abs(np.mean(kept == kept_again) - 0.82) < 3e-3
+  assert abs(np.mean(first_kept == second_kept) - 0.82) < 3e-3
   assert dropout(jnp.ones((3, 5))).shape == (3, 5)
   assert dropout(jnp.ones((7,))).shape == (7,)
 

@@ -61,8 +61,9 @@ def keep_mask(key: jax.Array, keep_probability: float, shape: tuple[int, ...]):
   Each decision hashes the element's row (its index over the leading axes) and column with two
   32-bit seeds drawn from `key`. The hash is elementwise in the indices, so XLA fuses it into the
   consumer and no random array is stored, and each device of a sharded array computes its own
-  part. Threefry (`jax.random.bits`) costs about ten times the arithmetic per decision and took a
-  sizeable part of a CPU training step.
+  part. Threefry (`jax.random.bits`, 20 rounds per pair of words) costs several times the
+  arithmetic per decision (an estimate from operation counts), and its draws took about 0.2 s
+  per device of a 3.5 s bfloat16 CPU training step.
   """
   levels = 1 << 32
   threshold = min(max(round(keep_probability * levels), 1), levels - 1)

@@ -26,11 +26,11 @@ from clamp_jax.models import onednn
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
   """Compute `softmax(q k^T / sqrt(d)) v` over the keys `mask` `[b, 1, t, s]` allows.
 
-  `q` is `[b, t, heads, d]`, `k` and `v` are `[b, s, kv_heads, d]` of the same dtype (bfloat16
-  or float32); the result is `[b, t, heads, d]` in that dtype. A query with every key masked gets
+  `q` is `[b, t, heads, d]`, and `k` and `v` are `[b, s, kv_heads, d]`, all of one dtype
+  (bfloat16 or float32). The result is `[b, t, heads, d]` in that dtype. A query with every key masked gets
   uniform weights, as in the einsum path.
   """
-  if not q.dtype == k.dtype == v.dtype or np.dtype(q.dtype) not in onednn.DATA_TYPES:
+  if not (q.dtype == k.dtype == v.dtype) or np.dtype(q.dtype) not in onednn.DATA_TYPES:
     raise TypeError(f'oneDNN attention takes bfloat16 or float32 q, k and v of one dtype, got '
                     f'{q.dtype}, {k.dtype} and {v.dtype}.')
   onednn.require_cpu_backend()
@@ -41,7 +41,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 
 
 def _query_view(q: np.ndarray, kv_heads: int) -> np.ndarray:
-  """`[b, t, k * g, d]` as `[b, k, g, t, d]`, without a copy."""
+  """View `[b, t, k * g, d]` as `[b, k, g, t, d]`, without a copy."""
   b, t, heads, d = q.shape
   return q.reshape(b, t, kv_heads, heads // kv_heads, d).transpose(0, 2, 3, 1, 4)
 
