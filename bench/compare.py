@@ -37,6 +37,9 @@ REPOSITORY = os.path.dirname(BENCH)
 # maps. XLA:CPU allocates a step's temporaries afresh each step, and with 4 KiB pages the kernel
 # faults in and zeroes each page again: about 950,000 faults per step of the default config.
 HUGEPAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
+# gperftools' tcmalloc as Debian and Ubuntu install it (package libtcmalloc-minimal4). It keeps
+# freed memory for reuse, so a step's temporaries do not come from the kernel, zeroed, every step.
+TCMALLOC = '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4'
 
 SUMMARY_COLUMNS = [
     ('implementation', 'implementation', 's'),
@@ -115,6 +118,11 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
                            'glibc backs large allocations with transparent huge pages (see '
                            'bench/RESULTS.md); off: leave the environment as it is.')
 
+  parser.add_argument('--preload', default='',
+                      help="Shared library to preload (LD_PRELOAD) into every child, ours and the "
+                           "reference alike; 'tcmalloc' stands for " + TCMALLOC + ' (Debian '
+                           'package libtcmalloc-minimal4). Empty: none.')
+
   parser.add_argument('--out_dir', default='',
                       help='Folder for each child\'s JSON result; empty: a new temporary folder.')
 
@@ -123,6 +131,11 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
   if unexpected:
     parser.error(f'unrecognized arguments: {" ".join(unexpected)}')
   common.check_step_counts(args.steps, args.warmup)
+  if args.preload == 'tcmalloc':
+    args.preload = TCMALLOC
+  if args.preload and not os.path.isfile(args.preload):
+    parser.error(f'--preload={args.preload}: no such file. For tcmalloc on Debian or Ubuntu: '
+                 'apt-get install libtcmalloc-minimal4.')
   return args, passthrough
 
 
@@ -167,15 +180,23 @@ def child_environment(args: argparse.Namespace) -> dict[str, str]:
   if args.malloc_hugepages == 'on':
     tunables = [part for part in env.get('GLIBC_TUNABLES', '').split(':') if part]
     env['GLIBC_TUNABLES'] = ':'.join([*tunables, HUGEPAGE_TUNABLE])
+  if args.preload:
+    env['LD_PRELOAD'] = ':'.join(
+        part for part in (args.preload, env.get('LD_PRELOAD', '')) if part)
   return env
+
+
+def preload_note(args: argparse.Namespace) -> str:
+  return f', every process with LD_PRELOAD={args.preload}' if args.preload else ''
 
 
 def run_child(script: str, flags: list[str], json_path: str,
               env: dict[str, str]) -> dict | None:
   """Run one benchmark script to completion and return its JSON result, or None if it failed."""
   command = [sys.executable, os.path.join(BENCH, script), *flags, f'--json_out={json_path}']
-  tunables = env.get('GLIBC_TUNABLES')
-  print(f'\n$ {f"GLIBC_TUNABLES={tunables} " if tunables else ""}{" ".join(command)}', flush=True)
+  prefix = ''.join(f'{name}={env[name]} ' for name in ('LD_PRELOAD', 'GLIBC_TUNABLES')
+                   if env.get(name))
+  print(f'\n$ {prefix}{" ".join(command)}', flush=True)
   start = time.perf_counter()
   completed = subprocess.run(command, cwd=REPOSITORY, env=env, check=False)
   elapsed = time.perf_counter() - start
@@ -260,7 +281,7 @@ def compare(args: argparse.Namespace, passthrough: list[str], out_dir: str) -> i
   ratio_fastest = samples_ratio(ours_fastest, reference_fastest)
 
   print('\nCLAMP training step, ours against the PyTorch reference, on '
-        f'{len(os.sched_getaffinity(0))} CPUs')
+        f'{len(os.sched_getaffinity(0))} CPUs{preload_note(args)}')
   print(common.format_table(rows, SUMMARY_COLUMNS))
   print()
   print(f'ours_samples_per_second_float32: {show_rate(ours_float32)}')
@@ -318,7 +339,8 @@ def sweep(args: argparse.Namespace, passthrough: list[str], out_dir: str) -> int
                           f'reference samples/s ({args.sweep_reference})', '.2f'),
                          ('ratio', 'ratio', '.3f')]
 
-  print(f'\nOur CLAMP step against batch size and caption length ({args.sweep_dtype} compute)')
+  print('\nOur CLAMP step against batch size and caption length '
+        f'({args.sweep_dtype} compute){preload_note(args)}')
   print(common.format_table(rows, columns))
   print(json.dumps({'mode': 'sweep', 'rows': rows, 'out_dir': out_dir,
                     'reference_failed': bool(args.sweep_reference) and reference is None}))

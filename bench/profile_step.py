@@ -1,7 +1,7 @@
 """Profile one training step: where the time goes, page faults, and how busy the cores are.
 
-Builds the step as `bench/step.py` does, times `--steps` steps with the page faults each one
-takes, then traces one more step with `jax.profiler` (a Perfetto trace, saved with the compiled
+Builds the step as `bench/step.py` does, times `--steps` steps with the page faults and the user
+and system CPU seconds each one takes, then traces one more step with `jax.profiler` (a Perfetto trace, saved with the compiled
 HLO text) and prints:
 
 - the operations with the most time summed over threads, each described by its output shape
@@ -151,13 +151,16 @@ def main(argv: list[str]) -> None:
   run_step = prepared.run_step
 
   run_step()
-  seconds, faults = [], []
+  seconds, faults, user, system = [], [], [], []
   for _ in range(steps):
-    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     run_step()
     seconds.append(time.perf_counter() - start)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    faults.append(after.ru_minflt - before.ru_minflt)
+    user.append(after.ru_utime - before.ru_utime)
+    system.append(after.ru_stime - before.ru_stime)
 
   trace_dir = _TRACE_DIR.value or tempfile.mkdtemp(prefix='clamp_profile_')
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -174,6 +177,8 @@ def main(argv: list[str]) -> None:
   print(f'step seconds: {", ".join(f"{s:.3f}" for s in seconds)} '
         f'(median {statistics.median(seconds):.3f})')
   print(f'minor page faults per step: {", ".join(str(f) for f in faults)}')
+  print(f'CPU seconds per step, user: {", ".join(f"{s:.2f}" for s in user)}; '
+        f'system: {", ".join(f"{s:.2f}" for s in system)}')
   print(f'traced step: {span_ms:.0f} ms from the first operation to the last; trace and the '
         f'compiled HLO (step.hlo.txt) in {trace_dir}\n')
   print('Time summed over threads, by operation')

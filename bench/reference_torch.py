@@ -504,6 +504,7 @@ def main(argv: list[str]) -> None:
       'threads': threads,
       'cpu_count': len(os.sched_getaffinity(0)),
       'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+      'ld_preload': os.environ.get('LD_PRELOAD', ''),
       'config': config_flags.get_config_filename(flags.FLAGS['config']),
       'llm': config.model.llm,
       'precision': _PRECISION.value,

@@ -309,6 +309,7 @@ def main(argv: list[str]) -> None:
       'cpu_count': len(os.sched_getaffinity(0)),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+      'ld_preload': os.environ.get('LD_PRELOAD', ''),
       'config': config_flags.get_config_filename(flags.FLAGS['config']),
       'llm': config.model.llm,
       'dtype': _DTYPE.value,
