@@ -37,8 +37,8 @@ REPOSITORY = os.path.dirname(BENCH)
 # maps. XLA:CPU allocates a step's temporaries afresh each step, and with 4 KiB pages the kernel
 # faults in and zeroes each page again: about 950,000 faults per step of the default config.
 HUGEPAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
-# gperftools' tcmalloc as Debian and Ubuntu install it (package libtcmalloc-minimal4). It keeps
-# freed memory for reuse, so a step's temporaries do not come from the kernel, zeroed, every step.
+# Path of gperftools' tcmalloc from Debian's and Ubuntu's package libtcmalloc-minimal4. It keeps
+# freed memory for reuse, so a step's temporaries are not mapped and zeroed by the kernel each step.
 TCMALLOC = '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4'
 
 SUMMARY_COLUMNS = [
@@ -187,6 +187,7 @@ def child_environment(args: argparse.Namespace) -> dict[str, str]:
 
 
 def preload_note(args: argparse.Namespace) -> str:
+  """Return the summary title's mention of `--preload`, empty without one."""
   return f', every process with LD_PRELOAD={args.preload}' if args.preload else ''
 
 

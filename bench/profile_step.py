@@ -151,7 +151,7 @@ def main(argv: list[str]) -> None:
   run_step = prepared.run_step
 
   run_step()
-  seconds, faults, user, system = [], [], [], []
+  seconds, faults, user_seconds, system_seconds = [], [], [], []
   for _ in range(steps):
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
@@ -159,8 +159,8 @@ def main(argv: list[str]) -> None:
     seconds.append(time.perf_counter() - start)
     after = resource.getrusage(resource.RUSAGE_SELF)
     faults.append(after.ru_minflt - before.ru_minflt)
-    user.append(after.ru_utime - before.ru_utime)
-    system.append(after.ru_stime - before.ru_stime)
+    user_seconds.append(after.ru_utime - before.ru_utime)
+    system_seconds.append(after.ru_stime - before.ru_stime)
 
   trace_dir = _TRACE_DIR.value or tempfile.mkdtemp(prefix='clamp_profile_')
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -177,8 +177,8 @@ def main(argv: list[str]) -> None:
   print(f'step seconds: {", ".join(f"{s:.3f}" for s in seconds)} '
         f'(median {statistics.median(seconds):.3f})')
   print(f'minor page faults per step: {", ".join(str(f) for f in faults)}')
-  print(f'CPU seconds per step, user: {", ".join(f"{s:.2f}" for s in user)}; '
-        f'system: {", ".join(f"{s:.2f}" for s in system)}')
+  print(f'CPU seconds per step, user: {", ".join(f"{s:.2f}" for s in user_seconds)}; '
+        f'system: {", ".join(f"{s:.2f}" for s in system_seconds)}')
   print(f'traced step: {span_ms:.0f} ms from the first operation to the last; trace and the '
         f'compiled HLO (step.hlo.txt) in {trace_dir}\n')
   print('Time summed over threads, by operation')
