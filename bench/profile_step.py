@@ -173,7 +173,8 @@ def main(argv: list[str]) -> None:
 
   print(f'batch {batch_size}, caption length {caption_length}, {dtype}, '
         f'{jax.device_count()} device(s); '
-        f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r}')
+        f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r}, '
+        f'LD_PRELOAD={os.environ.get("LD_PRELOAD", "")!r}')
   print(f'step seconds: {", ".join(f"{s:.3f}" for s in seconds)} '
         f'(median {statistics.median(seconds):.3f})')
   print(f'minor page faults per step: {", ".join(str(f) for f in faults)}')
