@@ -37,9 +37,12 @@ REPOSITORY = os.path.dirname(BENCH)
 # maps. XLA:CPU allocates a step's temporaries afresh each step, and with 4 KiB pages the kernel
 # faults in and zeroes each page again: about 950,000 faults per step of the default config.
 HUGEPAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
-# Path of gperftools' tcmalloc from Debian's and Ubuntu's package libtcmalloc-minimal4. It keeps
-# freed memory for reuse, so a step's temporaries are not mapped and zeroed by the kernel each step.
-TCMALLOC = '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4'
+# Install paths of gperftools' tcmalloc: Debian's and Ubuntu's libtcmalloc-minimal4 (x86-64,
+# then 64-bit ARM) and Fedora's gperftools-libs. It keeps freed memory for reuse, so a
+# step's temporaries are not mapped and zeroed by the kernel each step.
+TCMALLOC_PATHS = ('/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4',
+                  '/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4',
+                  '/usr/lib64/libtcmalloc_minimal.so.4')
 
 SUMMARY_COLUMNS = [
     ('implementation', 'implementation', 's'),
@@ -120,8 +123,8 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
 
   parser.add_argument('--preload', default='',
                       help="Shared library to preload (LD_PRELOAD) into every child, ours and the "
-                           "reference alike; 'tcmalloc' stands for " + TCMALLOC + ' (Debian '
-                           'package libtcmalloc-minimal4). Empty: none.')
+                           "reference alike; 'tcmalloc' stands for the first of "
+                           f'{", ".join(TCMALLOC_PATHS)} that exists. Empty: none.')
 
   parser.add_argument('--out_dir', default='',
                       help='Folder for each child\'s JSON result; empty: a new temporary folder.')
@@ -131,11 +134,16 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
   if unexpected:
     parser.error(f'unrecognized arguments: {" ".join(unexpected)}')
   common.check_step_counts(args.steps, args.warmup)
+  install = ('install it (Debian or Ubuntu: sudo apt-get install libtcmalloc-minimal4; Fedora: '
+             'sudo dnf install gperftools-libs) or pass its path')
   if args.preload == 'tcmalloc':
-    args.preload = TCMALLOC
+    found = [path for path in TCMALLOC_PATHS if os.path.isfile(path)]
+    if not found:
+      parser.error(f'--preload=tcmalloc: libtcmalloc_minimal.so.4 not found in '
+                   f'{", ".join(TCMALLOC_PATHS)}; {install}.')
+    args.preload = found[0]
   if args.preload and not os.path.isfile(args.preload):
-    parser.error(f'--preload={args.preload}: no such file. For tcmalloc on Debian or Ubuntu: '
-                 'apt-get install libtcmalloc-minimal4.')
+    parser.error(f'--preload={args.preload}: file not found. For tcmalloc, {install}.')
   return args, passthrough
 
 
