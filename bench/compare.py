@@ -134,16 +134,16 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
   if unexpected:
     parser.error(f'unrecognized arguments: {" ".join(unexpected)}')
   common.check_step_counts(args.steps, args.warmup)
-  install = ('install it (Debian or Ubuntu: sudo apt-get install libtcmalloc-minimal4; Fedora: '
-             'sudo dnf install gperftools-libs) or pass its path')
+  install_hint = ('install it (Debian or Ubuntu: sudo apt-get install libtcmalloc-minimal4; '
+                  'Fedora: sudo dnf install gperftools-libs) or pass its path')
   if args.preload == 'tcmalloc':
     found = [path for path in TCMALLOC_PATHS if os.path.isfile(path)]
     if not found:
       parser.error(f'--preload=tcmalloc: libtcmalloc_minimal.so.4 not found in '
-                   f'{", ".join(TCMALLOC_PATHS)}; {install}.')
+                   f'{", ".join(TCMALLOC_PATHS)}. To fix, {install_hint}.')
     args.preload = found[0]
-  if args.preload and not os.path.isfile(args.preload):
-    parser.error(f'--preload={args.preload}: file not found. For tcmalloc, {install}.')
+  elif args.preload and not os.path.isfile(args.preload):
+    parser.error(f'--preload={args.preload}: file not found. For tcmalloc, {install_hint}.')
   return args, passthrough
 
 
@@ -203,9 +203,9 @@ def run_child(script: str, flags: list[str], json_path: str,
               env: dict[str, str]) -> dict | None:
   """Run one benchmark script to completion and return its JSON result, or None if it failed."""
   command = [sys.executable, os.path.join(BENCH, script), *flags, f'--json_out={json_path}']
-  prefix = ''.join(f'{name}={env[name]} ' for name in ('LD_PRELOAD', 'GLIBC_TUNABLES')
-                   if env.get(name))
-  print(f'\n$ {prefix}{" ".join(command)}', flush=True)
+  env_prefix = ''.join(f'{name}={env[name]} ' for name in ('LD_PRELOAD', 'GLIBC_TUNABLES')
+                       if env.get(name))
+  print(f'\n$ {env_prefix}{" ".join(command)}', flush=True)
   start = time.perf_counter()
   completed = subprocess.run(command, cwd=REPOSITORY, env=env, check=False)
   elapsed = time.perf_counter() - start

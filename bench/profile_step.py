@@ -1,8 +1,8 @@
 """Profile one training step: where the time goes, page faults, and how busy the cores are.
 
 Builds the step as `bench/step.py` does, times `--steps` steps with the page faults and the user
-and system CPU seconds each one takes, then traces one more step with `jax.profiler` (a Perfetto trace, saved with the compiled
-HLO text) and prints:
+and system CPU seconds of each, then traces one more step with `jax.profiler` (a Perfetto trace,
+saved with the compiled HLO text) and prints:
 
 - the operations with the most time summed over threads, each described by its output shape
   and, for a dot, its operand shapes, so the forward and backward forms of a matmul show apart;
